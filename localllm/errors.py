@@ -1,0 +1,40 @@
+"""One exception hierarchy for everything localllm raises on purpose.
+
+The CLI catches `LocalLLMError` and prints its message on one line; anything else is a bug.
+"""
+
+
+class LocalLLMError(Exception):
+    """Base of every error localllm raises deliberately."""
+
+
+class GGUFError(LocalLLMError):
+    """A GGUF file is malformed, truncated, or uses something we do not support."""
+
+
+class ModelNotFoundError(LocalLLMError):
+    """A model name is not in the catalog and is not a path to a file."""
+
+
+class PullError(LocalLLMError):
+    """Fetching or verifying a catalog model failed."""
+
+
+class TokenizerError(LocalLLMError):
+    """The tokenizer described by a GGUF file cannot be built or used."""
+
+
+class TemplateError(LocalLLMError):
+    """A chat template failed to render, or tried to leave its sandbox."""
+
+
+class ModelError(LocalLLMError):
+    """A model's architecture or tensors are missing or inconsistent."""
+
+
+class KernelError(LocalLLMError):
+    """Arguments handed to a compute kernel have the wrong shape, type or length."""
+
+
+class ContextOverflowError(LocalLLMError):
+    """A prompt does not fit in the context window."""
