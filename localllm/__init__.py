@@ -3,6 +3,7 @@
 from localllm.errors import (
     ContextOverflowError,
     GGUFError,
+    InvalidParameterError,
     KernelError,
     LocalLLMError,
     ModelError,
@@ -17,6 +18,7 @@ __version__ = "0.1.0"
 __all__ = [
     "ContextOverflowError",
     "GGUFError",
+    "InvalidParameterError",
     "KernelError",
     "LocalLLMError",
     "ModelError",

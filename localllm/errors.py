@@ -36,5 +36,9 @@ class KernelError(LocalLLMError):
     """Arguments handed to a compute kernel have the wrong shape, type or length."""
 
 
+class InvalidParameterError(LocalLLMError):
+    """A caller passed a value outside its valid range (a negative temperature, say)."""
+
+
 class ContextOverflowError(LocalLLMError):
     """A prompt does not fit in the context window."""

@@ -1,0 +1,42 @@
+"""Architecture registry: general.architecture -> model class.
+
+Every module in this package that defines `ARCHITECTURES = {name: ModelClass}` is picked up,
+so supporting a new architecture means adding one file.
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+from functools import cache
+
+from localllm.errors import GGUFError, ModelError
+from localllm.runtime.models.base import Model, kv_bytes_per_token, source_name
+
+__all__ = ["Model", "architectures", "kv_bytes_per_token", "load_model"]
+
+
+@cache
+def architectures() -> dict[str, type[Model]]:
+    found = {}
+    for module_info in pkgutil.iter_modules(__path__):
+        module = importlib.import_module(f"{__name__}.{module_info.name}")
+        found.update(getattr(module, "ARCHITECTURES", {}))
+    return found
+
+
+def load_model(gguf_file, path=None) -> Model:
+    """Build the model for an open GGUF file; weights stay in its memory map."""
+    source = source_name(path if path is not None else getattr(gguf_file, "path", None))
+    arch = gguf_file.metadata.get("general.architecture")
+    if not isinstance(arch, str):
+        raise ModelError(f"no general.architecture in {source}")
+    model_class = architectures().get(arch)
+    if model_class is None:
+        supported = ", ".join(sorted(architectures()))
+        raise ModelError(f"unsupported architecture {arch!r} in {source} (supported: {supported})")
+    try:
+        embedding = gguf_file.tensor("token_embd.weight")
+    except (GGUFError, KeyError):
+        raise ModelError(f"missing tensor token_embd.weight in {source}") from None
+    return model_class(gguf_file, source, n_vocab=int(embedding.shape[0]))

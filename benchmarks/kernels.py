@@ -1,0 +1,188 @@
+"""Benchmark the CPU product kernels against this machine's memory bandwidth.
+
+    python benchmarks/kernels.py [--formats Q4_K Q8_0 ...] [--quick] [--skip-compile]
+
+Prints, per format: matvec weight GB/s on the qwen2.5-coder-1.5b shapes (cycling through
+enough random matrices that the working set is far larger than the L3 cache) and its ratio to
+the measured read bandwidth; matmul GFLOP/s (2*rows*cols*n / s), with the dequantize-to-BLAS
+alternative for comparison; and the cold and warm compile time of the whole kernel set.
+Numbers on a shared machine are indicative only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+from rich.console import Console
+from rich.table import Table
+
+from localllm.formats.quants import LAYOUTS
+from localllm.kernels.cpu import KERNELS, get_threads
+from localllm.kernels.cpu.bandwidth import read_bandwidth
+
+SHAPES = [(1536, 1536), (256, 1536), (8960, 1536), (1536, 8960), (151936, 1536)]
+QUICK_SHAPES = [(1536, 1536), (8960, 1536)]
+BATCHES = [1, 4, 16, 64, 128, 512]
+QUICK_BATCHES = [1, 16, 128]
+MATRICES = 28
+# Enough distinct weight bytes per shape that every pass streams from DRAM (L3 is 32 MB).
+MIN_WORKING_SET = 128 << 20
+MAX_WORKING_SET = 1 << 30
+BLAS_TILE_ROWS = 512
+
+
+def random_raw(qtype: GGMLQuantizationType, rows: int, cols: int, rng: np.random.Generator) -> np.ndarray:
+    """Random blocks with finite, modest f16 scales (random bytes elsewhere)."""
+    block_size, type_size = GGML_QUANT_SIZES[qtype]
+    if qtype == GGMLQuantizationType.F32:
+        return rng.standard_normal((rows, cols), dtype=np.float32).view(np.uint8)
+    if qtype == GGMLQuantizationType.F16:
+        return rng.standard_normal((rows, cols), dtype=np.float32).astype(np.float16).view(np.uint8)
+    if qtype == GGMLQuantizationType.BF16:
+        values = rng.standard_normal((rows, cols), dtype=np.float32)
+        return (values.view(np.uint32) >> 16).astype(np.uint16).view(np.uint8)
+    blocks = rng.integers(0, 256, size=(rows * cols // block_size, type_size), dtype=np.uint8)
+    for field in LAYOUTS[qtype].scale_fields:
+        scales = rng.uniform(0.001, 0.05, size=blocks.shape[0]).astype(np.float16)
+        blocks[:, field.offset:field.offset + 2] = scales.view(np.uint8).reshape(-1, 2)
+    return blocks.reshape(rows, -1)
+
+
+def best_time(fn, repeats: int) -> float:
+    fn()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def bench_matvec(qtype, shapes, bandwidth, quick, rng):
+    matvec_kernel = KERNELS[qtype][0]
+    row = [qtype.name]
+    for rows, cols in shapes:
+        first = random_raw(qtype, rows, cols, rng)
+        count = int(np.clip(MIN_WORKING_SET // first.nbytes + 1, 2, MATRICES))
+        count = min(count, max(2, MAX_WORKING_SET // first.nbytes))
+        if quick:
+            count = min(count, 8)
+        matrices = [first] + [random_raw(qtype, rows, cols, rng) for _ in range(count - 1)]
+        x = rng.standard_normal(cols, dtype=np.float32)
+        out = np.empty(rows, dtype=np.float32)
+
+        def cycle():
+            for raw in matrices:
+                matvec_kernel(raw, x, out)
+
+        seconds = best_time(cycle, 2 if quick else 4) / count
+        rate = first.nbytes / seconds / 1e9
+        row.append(f"{rate:.1f} ({rate / bandwidth:.2f})")
+    return row
+
+
+def blas_matmul(dequantize_rows, raw, X, out):
+    """X @ W.T with W dequantized BLAS_TILE_ROWS rows at a time."""
+    rows = raw.shape[0]
+    tile = np.empty((BLAS_TILE_ROWS, X.shape[1]), dtype=np.float32)
+    for start in range(0, rows, BLAS_TILE_ROWS):
+        stop = min(rows, start + BLAS_TILE_ROWS)
+        ids = np.arange(start, stop, dtype=np.int64)
+        dequantize_rows(raw, ids, tile[:stop - start])
+        np.matmul(X, tile[:stop - start].T, out=out[:, start:stop])
+
+
+def bench_matmul(qtype, shapes, batches, quick, rng):
+    matvec_kernel, matmul_kernel, dequantize_rows = KERNELS[qtype]
+    lines = []
+    for rows, cols in shapes:
+        raw = random_raw(qtype, rows, cols, rng)
+        line = [f"{qtype.name} {rows}x{cols}"]
+        for n in batches:
+            X = rng.standard_normal((n, cols), dtype=np.float32)
+            out = np.empty((n, rows), dtype=np.float32)
+            flops = 2.0 * rows * cols * n
+            repeats = 1 if flops > 2e11 else (2 if quick else 3)
+            if n == 1:
+                seconds = best_time(lambda: matvec_kernel(raw, X[0], out[0]), repeats)
+                line.append(f"{flops / seconds / 1e9:.1f}")
+                continue
+            seconds = best_time(lambda: matmul_kernel(raw, X, out), repeats)
+            cell = f"{flops / seconds / 1e9:.1f}"
+            if n >= 64:
+                blas = best_time(lambda: blas_matmul(dequantize_rows, raw, X, out), repeats)
+                cell += f" / {flops / blas / 1e9:.1f}"
+            line.append(cell)
+        lines.append(line)
+    return lines
+
+
+def compile_times() -> tuple[float, float]:
+    """Seconds for warm_up() in a fresh interpreter with an empty, then a filled, Numba cache."""
+    script = "from localllm.kernels.cpu import warm_up; warm_up()"
+    with tempfile.TemporaryDirectory() as cache_dir:
+        env = dict(os.environ, NUMBA_CACHE_DIR=cache_dir)
+        results = []
+        for _ in range(2):
+            start = time.perf_counter()
+            subprocess.run([sys.executable, "-c", script], env=env, check=True)
+            results.append(time.perf_counter() - start)
+    return results[0], results[1]
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--formats", nargs="+", help="type names, e.g. Q4_K Q8_0 (default: all)")
+    parser.add_argument("--quick", action="store_true", help="fewer shapes, batches and repeats")
+    parser.add_argument("--skip-compile", action="store_true", help="do not time cold/warm compiles")
+    args = parser.parse_args(argv)
+
+    console = Console()
+    known = {qtype.name: qtype for qtype in KERNELS}
+    names = args.formats or list(known)
+    unknown = [name for name in names if name.upper() not in known]
+    if unknown:
+        parser.error(f"unknown formats {unknown}; available: {' '.join(known)}")
+    formats = [known[name.upper()] for name in names]
+    shapes = QUICK_SHAPES if args.quick else SHAPES
+    batches = QUICK_BATCHES if args.quick else BATCHES
+    rng = np.random.default_rng(0)
+
+    console.print(f"threads: {get_threads()}; numbers on a shared machine are indicative")
+    bandwidth = read_bandwidth(1 << 28 if args.quick else 1 << 30)
+    console.print(f"read bandwidth: {bandwidth:.1f} GB/s")
+
+    for qtype in formats:
+        KERNELS[qtype][0](random_raw(qtype, 2, 256, rng), np.zeros(256, np.float32), np.empty(2, np.float32))
+
+    table = Table(title="matvec: weight GB/s (ratio to read bandwidth)")
+    table.add_column("format")
+    for rows, cols in shapes:
+        table.add_column(f"{rows}x{cols}", justify="right")
+    for qtype in formats:
+        table.add_row(*bench_matvec(qtype, shapes, bandwidth, args.quick, rng))
+    console.print(table)
+
+    table = Table(title="matmul GFLOP/s (kernel / dequantize+BLAS for n >= 64)")
+    table.add_column("format, shape")
+    for n in batches:
+        table.add_column(f"n={n}", justify="right")
+    for qtype in formats:
+        for line in bench_matmul(qtype, shapes, batches, args.quick, rng):
+            table.add_row(*line)
+    console.print(table)
+
+    if not args.skip_compile:
+        cold, warm = compile_times()
+        console.print(f"warm_up(): cold cache {cold:.1f} s, warm cache {warm:.1f} s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,352 @@
+"""Products for the 32-value block formats Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 (convention: products.py).
+
+Block layouts (ggml's block_q4_0 ... block_q8_0, little-endian, no padding):
+  Q4_0 18 bytes: f16 d, 16 bytes of nibbles     value = d * (q - 8)
+  Q4_1 20 bytes: f16 d, f16 m, 16 bytes          value = d * q + m
+  Q5_0 22 bytes: f16 d, u32 high bits, 16 bytes  value = d * (q - 16)
+  Q5_1 24 bytes: f16 d, f16 m, u32 high bits, 16 bytes   value = d * q + m
+  Q8_0 34 bytes: f16 d, 32 int8                  value = d * q
+Nibble byte j holds value j in its low half and value j + 16 in its high half; bit j of the
+high-bit word is the fifth bit of value j.
+
+matvec fuses decoding into the dot product (weights are read once, never materialized), with
+float32 activations: the benchmark found them as fast as 8-bit activations here, and they are
+exact to float32 rounding. The offsets of Q4_1/Q5_1 are applied once per block through the
+block sums of x. matmul decodes each weight row once into a float32 buffer and reuses it for
+every activation row. dequantize_rows multiplies in the same order as ggml, so it is bit-exact.
+
+`quantize_q8_0` is the Q8_0-style activation quantization (per 32 values a float32 scale and
+32 int8), for kernels that multiply in integers.
+"""
+
+import numpy as np
+from gguf import GGMLQuantizationType
+from numba import njit, prange
+
+from localllm.kernels.cpu.floats import load_half
+
+_OPTIONS = dict(cache=True, nogil=True)
+BLOCK = 32
+BLOCK_BYTES = {
+    GGMLQuantizationType.Q4_0: 18,
+    GGMLQuantizationType.Q4_1: 20,
+    GGMLQuantizationType.Q5_0: 22,
+    GGMLQuantizationType.Q5_1: 24,
+    GGMLQuantizationType.Q8_0: 34,
+}
+# Rows handled per parallel task in matmul, so each task allocates its decode buffer once.
+_ROW_CHUNK = 16
+
+
+@njit(**_OPTIONS, fastmath=True)
+def _block_sums(x, out):
+    for b in range(out.shape[0]):
+        xb = x[b * BLOCK:(b + 1) * BLOCK]
+        acc = np.float32(0.0)
+        for j in range(BLOCK):
+            acc += xb[j]
+        out[b] = acc
+
+
+@njit(**_OPTIONS)
+def _high_bits(row, offset):
+    return (np.uint32(row[offset]) | (np.uint32(row[offset + 1]) << np.uint32(8))
+            | (np.uint32(row[offset + 2]) << np.uint32(16)) | (np.uint32(row[offset + 3]) << np.uint32(24)))
+
+
+@njit(**_OPTIONS, fastmath=True)
+def _dot_buffer(buffer, x):
+    acc = np.float32(0.0)
+    for j in range(buffer.shape[0]):
+        acc += buffer[j] * x[j]
+    return acc
+
+
+# Q4_0
+
+
+@njit(**_OPTIONS)
+def _decode_q4_0(row, out):
+    for b in range(out.shape[0] // BLOCK):
+        o = b * 18
+        d = load_half(row, o)
+        qs = row[o + 2:o + 18]
+        values = out[b * BLOCK:(b + 1) * BLOCK]
+        for j in range(16):
+            values[j] = d * np.float32(np.int32(qs[j] & 15) - 8)
+            values[16 + j] = d * np.float32(np.int32(qs[j] >> 4) - 8)
+
+
+@njit(**_OPTIONS, fastmath=True)
+def _dot_q4_0(row, x):
+    total = np.float32(0.0)
+    for b in range(x.shape[0] // BLOCK):
+        o = b * 18
+        qs = row[o + 2:o + 18]
+        xb = x[b * BLOCK:(b + 1) * BLOCK]
+        acc = np.float32(0.0)
+        for j in range(16):
+            acc += np.float32(np.int32(qs[j] & 15) - 8) * xb[j] + np.float32(np.int32(qs[j] >> 4) - 8) * xb[16 + j]
+        total += load_half(row, o) * acc
+    return total
+
+
+@njit(**_OPTIONS, parallel=True, fastmath=True)
+def matvec_q4_0(raw, x, out):
+    for r in prange(raw.shape[0]):
+        out[r] = _dot_q4_0(raw[r], x)
+
+
+@njit(**_OPTIONS, parallel=True, fastmath=True)
+def matmul_q4_0(raw, X, out):
+    rows, cols = raw.shape[0], X.shape[1]
+    for c in prange((rows + _ROW_CHUNK - 1) // _ROW_CHUNK):
+        buffer = np.empty(cols, dtype=np.float32)
+        for r in range(c * _ROW_CHUNK, min(rows, (c + 1) * _ROW_CHUNK)):
+            _decode_q4_0(raw[r], buffer)
+            for i in range(X.shape[0]):
+                out[i, r] = _dot_buffer(buffer, X[i])
+
+
+@njit(**_OPTIONS)
+def dequantize_rows_q4_0(raw, row_ids, out):
+    for i in range(row_ids.shape[0]):
+        _decode_q4_0(raw[row_ids[i]], out[i])
+
+
+# Q4_1
+
+
+@njit(**_OPTIONS)
+def _decode_q4_1(row, out):
+    for b in range(out.shape[0] // BLOCK):
+        o = b * 20
+        d = load_half(row, o)
+        m = load_half(row, o + 2)
+        qs = row[o + 4:o + 20]
+        values = out[b * BLOCK:(b + 1) * BLOCK]
+        for j in range(16):
+            values[j] = d * np.float32(qs[j] & 15) + m
+            values[16 + j] = d * np.float32(qs[j] >> 4) + m
+
+
+@njit(**_OPTIONS, fastmath=True)
+def _dot_q4_1(row, x, x_sums):
+    total = np.float32(0.0)
+    for b in range(x_sums.shape[0]):
+        o = b * 20
+        qs = row[o + 4:o + 20]
+        xb = x[b * BLOCK:(b + 1) * BLOCK]
+        acc = np.float32(0.0)
+        for j in range(16):
+            acc += np.float32(qs[j] & 15) * xb[j] + np.float32(qs[j] >> 4) * xb[16 + j]
+        total += load_half(row, o) * acc + load_half(row, o + 2) * x_sums[b]
+    return total
+
+
+@njit(**_OPTIONS, parallel=True, fastmath=True)
+def matvec_q4_1(raw, x, out):
+    x_sums = np.empty(x.shape[0] // BLOCK, dtype=np.float32)
+    _block_sums(x, x_sums)
+    for r in prange(raw.shape[0]):
+        out[r] = _dot_q4_1(raw[r], x, x_sums)
+
+
+@njit(**_OPTIONS, parallel=True, fastmath=True)
+def matmul_q4_1(raw, X, out):
+    rows, cols = raw.shape[0], X.shape[1]
+    for c in prange((rows + _ROW_CHUNK - 1) // _ROW_CHUNK):
+        buffer = np.empty(cols, dtype=np.float32)
+        for r in range(c * _ROW_CHUNK, min(rows, (c + 1) * _ROW_CHUNK)):
+            _decode_q4_1(raw[r], buffer)
+            for i in range(X.shape[0]):
+                out[i, r] = _dot_buffer(buffer, X[i])
+
+
+@njit(**_OPTIONS)
+def dequantize_rows_q4_1(raw, row_ids, out):
+    for i in range(row_ids.shape[0]):
+        _decode_q4_1(raw[row_ids[i]], out[i])
+
+
+# Q5_0
+
+
+@njit(**_OPTIONS)
+def _decode_q5_0(row, out):
+    for b in range(out.shape[0] // BLOCK):
+        o = b * 22
+        d = load_half(row, o)
+        high = _high_bits(row, o + 2)
+        qs = row[o + 6:o + 22]
+        values = out[b * BLOCK:(b + 1) * BLOCK]
+        for j in range(16):
+            q = np.uint32(qs[j])
+            low = (q & 15) | (((high >> j) & 1) << 4)
+            top = (q >> 4) | (((high >> (j + 16)) & 1) << 4)
+            values[j] = d * np.float32(np.int32(low) - 16)
+            values[16 + j] = d * np.float32(np.int32(top) - 16)
+
+
+@njit(**_OPTIONS, fastmath=True)
+def _dot_q5_0(row, x):
+    total = np.float32(0.0)
+    for b in range(x.shape[0] // BLOCK):
+        o = b * 22
+        high = _high_bits(row, o + 2)
+        xb = x[b * BLOCK:(b + 1) * BLOCK]
+        acc = np.float32(0.0)
+        qs = row[o + 6:o + 22]
+        for j in range(16):
+            q = np.uint32(qs[j])
+            low = (q & 15) | (((high >> j) & 1) << 4)
+            top = (q >> 4) | (((high >> (j + 16)) & 1) << 4)
+            acc += np.float32(np.int32(low) - 16) * xb[j] + np.float32(np.int32(top) - 16) * xb[16 + j]
+        total += load_half(row, o) * acc
+    return total
+
+
+@njit(**_OPTIONS, parallel=True, fastmath=True)
+def matvec_q5_0(raw, x, out):
+    for r in prange(raw.shape[0]):
+        out[r] = _dot_q5_0(raw[r], x)
+
+
+@njit(**_OPTIONS, parallel=True, fastmath=True)
+def matmul_q5_0(raw, X, out):
+    rows, cols = raw.shape[0], X.shape[1]
+    for c in prange((rows + _ROW_CHUNK - 1) // _ROW_CHUNK):
+        buffer = np.empty(cols, dtype=np.float32)
+        for r in range(c * _ROW_CHUNK, min(rows, (c + 1) * _ROW_CHUNK)):
+            _decode_q5_0(raw[r], buffer)
+            for i in range(X.shape[0]):
+                out[i, r] = _dot_buffer(buffer, X[i])
+
+
+@njit(**_OPTIONS)
+def dequantize_rows_q5_0(raw, row_ids, out):
+    for i in range(row_ids.shape[0]):
+        _decode_q5_0(raw[row_ids[i]], out[i])
+
+
+# Q5_1
+
+
+@njit(**_OPTIONS)
+def _decode_q5_1(row, out):
+    for b in range(out.shape[0] // BLOCK):
+        o = b * 24
+        d = load_half(row, o)
+        m = load_half(row, o + 2)
+        high = _high_bits(row, o + 4)
+        qs = row[o + 8:o + 24]
+        values = out[b * BLOCK:(b + 1) * BLOCK]
+        for j in range(16):
+            q = np.uint32(qs[j])
+            low = (q & 15) | (((high >> j) & 1) << 4)
+            top = (q >> 4) | (((high >> (j + 16)) & 1) << 4)
+            values[j] = d * np.float32(low) + m
+            values[16 + j] = d * np.float32(top) + m
+
+
+@njit(**_OPTIONS, fastmath=True)
+def _dot_q5_1(row, x, x_sums):
+    total = np.float32(0.0)
+    for b in range(x_sums.shape[0]):
+        o = b * 24
+        high = _high_bits(row, o + 4)
+        xb = x[b * BLOCK:(b + 1) * BLOCK]
+        acc = np.float32(0.0)
+        qs = row[o + 8:o + 24]
+        for j in range(16):
+            q = np.uint32(qs[j])
+            low = (q & 15) | (((high >> j) & 1) << 4)
+            top = (q >> 4) | (((high >> (j + 16)) & 1) << 4)
+            acc += np.float32(low) * xb[j] + np.float32(top) * xb[16 + j]
+        total += load_half(row, o) * acc + load_half(row, o + 2) * x_sums[b]
+    return total
+
+
+@njit(**_OPTIONS, parallel=True, fastmath=True)
+def matvec_q5_1(raw, x, out):
+    x_sums = np.empty(x.shape[0] // BLOCK, dtype=np.float32)
+    _block_sums(x, x_sums)
+    for r in prange(raw.shape[0]):
+        out[r] = _dot_q5_1(raw[r], x, x_sums)
+
+
+@njit(**_OPTIONS, parallel=True, fastmath=True)
+def matmul_q5_1(raw, X, out):
+    rows, cols = raw.shape[0], X.shape[1]
+    for c in prange((rows + _ROW_CHUNK - 1) // _ROW_CHUNK):
+        buffer = np.empty(cols, dtype=np.float32)
+        for r in range(c * _ROW_CHUNK, min(rows, (c + 1) * _ROW_CHUNK)):
+            _decode_q5_1(raw[r], buffer)
+            for i in range(X.shape[0]):
+                out[i, r] = _dot_buffer(buffer, X[i])
+
+
+@njit(**_OPTIONS)
+def dequantize_rows_q5_1(raw, row_ids, out):
+    for i in range(row_ids.shape[0]):
+        _decode_q5_1(raw[row_ids[i]], out[i])
+
+
+# Q8_0
+
+
+@njit(**_OPTIONS)
+def _decode_q8_0(row, out):
+    for b in range(out.shape[0] // BLOCK):
+        o = b * 34
+        d = load_half(row, o)
+        qs = row[o + 2:o + 34]
+        values = out[b * BLOCK:(b + 1) * BLOCK]
+        for j in range(BLOCK):
+            values[j] = np.float32(np.int8(qs[j])) * d
+
+
+@njit(**_OPTIONS, fastmath=True)
+def _dot_q8_0(row, x):
+    total = np.float32(0.0)
+    for b in range(x.shape[0] // BLOCK):
+        o = b * 34
+        qs = row[o + 2:o + 34]
+        xb = x[b * BLOCK:(b + 1) * BLOCK]
+        acc = np.float32(0.0)
+        for j in range(BLOCK):
+            acc += np.float32(np.int8(qs[j])) * xb[j]
+        total += load_half(row, o) * acc
+    return total
+
+
+@njit(**_OPTIONS, parallel=True, fastmath=True)
+def matvec_q8_0(raw, x, out):
+    for r in prange(raw.shape[0]):
+        out[r] = _dot_q8_0(raw[r], x)
+
+
+@njit(**_OPTIONS, parallel=True, fastmath=True)
+def matmul_q8_0(raw, X, out):
+    rows, cols = raw.shape[0], X.shape[1]
+    for c in prange((rows + _ROW_CHUNK - 1) // _ROW_CHUNK):
+        buffer = np.empty(cols, dtype=np.float32)
+        for r in range(c * _ROW_CHUNK, min(rows, (c + 1) * _ROW_CHUNK)):
+            _decode_q8_0(raw[r], buffer)
+            for i in range(X.shape[0]):
+                out[i, r] = _dot_buffer(buffer, X[i])
+
+
+@njit(**_OPTIONS)
+def dequantize_rows_q8_0(raw, row_ids, out):
+    for i in range(row_ids.shape[0]):
+        _decode_q8_0(raw[row_ids[i]], out[i])
+
+
+KERNELS = {
+    GGMLQuantizationType.Q4_0: (matvec_q4_0, matmul_q4_0, dequantize_rows_q4_0),
+    GGMLQuantizationType.Q4_1: (matvec_q4_1, matmul_q4_1, dequantize_rows_q4_1),
+    GGMLQuantizationType.Q5_0: (matvec_q5_0, matmul_q5_0, dequantize_rows_q5_0),
+    GGMLQuantizationType.Q5_1: (matvec_q5_1, matmul_q5_1, dequantize_rows_q5_1),
+    GGMLQuantizationType.Q8_0: (matvec_q8_0, matmul_q8_0, dequantize_rows_q8_0),
+}

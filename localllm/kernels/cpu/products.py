@@ -1,0 +1,130 @@
+"""Weight-times-activation products over quantized GGUF tensors: validation and dispatch.
+
+Kernel convention (every format module follows it):
+
+Each format module exports ``KERNELS: dict[GGMLQuantizationType, tuple[matvec, matmul,
+dequantize_rows]]`` of Numba functions (cache=True, nogil=True; matvec and matmul parallel
+over output rows with prange):
+
+    matvec(raw, x, out) -> None            raw: uint8[rows, row_bytes], C-contiguous
+                                           x: float32[cols], out: float32[rows]
+    matmul(raw, X, out) -> None            X: float32[n, cols] C-contiguous, out: float32[n, rows]
+    dequantize_rows(raw, row_ids, out)     row_ids: int64[m], out: float32[m, cols];
+                                           bit-exact with gguf.quants.dequantize
+
+Kernels assume validated inputs. This module validates everything first (dtypes, contiguity,
+row_bytes == cols / block_size * type_size, lengths, id ranges, out shapes) and raises
+KernelError naming the problem before any kernel touches memory.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+from localllm.errors import KernelError
+from localllm.kernels.cpu import floats, kquants, legacy
+from localllm.kernels.cpu.threads import apply_threads
+
+KERNELS = {**floats.KERNELS, **legacy.KERNELS, **kquants.KERNELS}
+
+MAX_MATMUL_ROWS = 512
+
+
+def _type_name(qtype) -> str:
+    return getattr(qtype, "name", str(qtype))
+
+
+def _check_weight(weight) -> tuple[np.ndarray, GGMLQuantizationType, int, int]:
+    """The weight's raw bytes, type, rows and cols, after checking they agree with each other."""
+    try:
+        raw, qtype, shape = weight.raw, weight.type, tuple(weight.shape)
+    except AttributeError as exc:
+        raise KernelError(f"weight must have .raw, .type and .shape, got {type(weight).__name__}") from exc
+    name = getattr(weight, "name", "weight")
+    if qtype not in KERNELS:
+        raise KernelError(f"{name}: no CPU kernels for tensor type {_type_name(qtype)}")
+    if len(shape) != 2:
+        raise KernelError(f"{name}: a product needs a 2-D weight, got shape {shape}")
+    rows, cols = shape
+    if not isinstance(raw, np.ndarray) or raw.dtype != np.uint8 or raw.ndim != 2:
+        raise KernelError(f"{name}: raw data must be a 2-D uint8 array")
+    if not raw.flags.c_contiguous:
+        raise KernelError(f"{name}: raw data must be C-contiguous")
+    block_size, type_size = GGML_QUANT_SIZES[qtype]
+    if cols <= 0 or cols % block_size:
+        raise KernelError(f"{name}: {cols} columns is not a positive multiple of the "
+                          f"{_type_name(qtype)} block size {block_size}")
+    row_bytes = cols // block_size * type_size
+    if raw.shape != (rows, row_bytes):
+        raise KernelError(f"{name}: raw data is {raw.shape[0]}x{raw.shape[1]} bytes, but {rows} rows of "
+                          f"{cols} {_type_name(qtype)} values need {rows}x{row_bytes}")
+    return raw, qtype, rows, cols
+
+
+def _check_activations(name: str, a, ndim: int, cols: int, what: str) -> np.ndarray:
+    if not isinstance(a, np.ndarray):
+        raise KernelError(f"{name} must be a numpy array, got {type(a).__name__}")
+    if a.dtype != np.float32:
+        raise KernelError(f"{name} must be float32, got {a.dtype}")
+    if a.ndim != ndim:
+        raise KernelError(f"{name} must be {ndim}-D, got shape {a.shape}")
+    if a.shape[-1] != cols:
+        raise KernelError(f"{name} has {a.shape[-1]} values per row, but {what} has {cols} columns")
+    if not a.flags.c_contiguous:
+        raise KernelError(f"{name} must be C-contiguous")
+    return a
+
+
+def _check_out(out, shape: tuple[int, ...]) -> np.ndarray:
+    if out is None:
+        return np.empty(shape, dtype=np.float32)
+    if not isinstance(out, np.ndarray) or out.dtype != np.float32:
+        raise KernelError("out must be a float32 numpy array")
+    if out.shape != shape:
+        raise KernelError(f"out has shape {out.shape}, expected {shape}")
+    if not out.flags.c_contiguous or not out.flags.writeable:
+        raise KernelError("out must be a writeable C-contiguous array")
+    return out
+
+
+def matvec(weight, x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """weight @ x for one float32 activation vector: float32[rows]."""
+    raw, qtype, rows, cols = _check_weight(weight)
+    _check_activations("x", x, 1, cols, getattr(weight, "name", "the weight"))
+    out = _check_out(out, (rows,))
+    apply_threads()
+    KERNELS[qtype][0](raw, x, out)
+    return out
+
+
+def matmul(weight, X: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """X @ weight.T for n activation rows (1 <= n <= 512): float32[n, rows]."""
+    raw, qtype, rows, cols = _check_weight(weight)
+    _check_activations("X", X, 2, cols, getattr(weight, "name", "the weight"))
+    n = X.shape[0]
+    if not 1 <= n <= MAX_MATMUL_ROWS:
+        raise KernelError(f"matmul takes 1 to {MAX_MATMUL_ROWS} activation rows, got {n}")
+    out = _check_out(out, (n, rows))
+    apply_threads()
+    if n == 1:
+        KERNELS[qtype][0](raw, X[0], out[0])
+    else:
+        KERNELS[qtype][1](raw, X, out)
+    return out
+
+
+def embed(weight, ids, out: np.ndarray | None = None) -> np.ndarray:
+    """Rows `ids` of the dequantized weight (an embedding lookup): float32[len(ids), cols]."""
+    raw, qtype, rows, cols = _check_weight(weight)
+    ids = np.asarray(ids)
+    if ids.ndim != 1 or not (np.issubdtype(ids.dtype, np.integer) or ids.size == 0):
+        raise KernelError(f"ids must be a 1-D sequence of integers, got shape {ids.shape} dtype {ids.dtype}")
+    ids = np.ascontiguousarray(ids, dtype=np.int64)
+    if ids.size and (ids.min() < 0 or ids.max() >= rows):
+        bad = ids[(ids < 0) | (ids >= rows)][0]
+        raise KernelError(f"id {bad} is out of range for {getattr(weight, 'name', 'the weight')} "
+                          f"with {rows} rows")
+    out = _check_out(out, (ids.shape[0], cols))
+    KERNELS[qtype][2](raw, ids, out)
+    return out

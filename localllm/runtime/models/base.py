@@ -1,0 +1,240 @@
+"""Hyperparameters and weight loading shared by the architectures.
+
+Everything a forward pass needs comes from the GGUF file itself: hyperparameters from its
+metadata, weights as quantized tensors that stay in the memory map.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from localllm.errors import GGUFError, ModelError
+from localllm.kernels import cpu as kernels
+from localllm.runtime.cache import KVCache
+
+# Prompts are processed in blocks of this many tokens: big enough that matmul amortises
+# reading each weight, small enough that the activations of a block stay modest.
+PREFILL_BLOCK = 256
+
+
+@dataclass(frozen=True)
+class HParams:
+    arch: str
+    n_layer: int
+    n_embd: int
+    n_ff: int
+    n_head: int
+    n_head_kv: int
+    head_dim_k: int
+    head_dim_v: int
+    n_rot: int
+    rms_eps: float
+    rope_base: float
+    rope_freq_scale: float
+    n_ctx_train: int
+    n_vocab: int
+
+
+def _meta(metadata: dict, key: str, source: str, default=None):
+    if key in metadata:
+        return metadata[key]
+    if default is not None:
+        return default
+    raise ModelError(f"missing metadata key {key} in {source}")
+
+
+def read_hparams(metadata: dict, source: str, n_vocab: int) -> HParams:
+    """The hyperparameters every supported architecture shares, read from GGUF metadata."""
+    arch = metadata["general.architecture"]
+
+    def get(suffix, default=None):
+        return _meta(metadata, f"{arch}.{suffix}", source, default)
+
+    n_embd = int(get("embedding_length"))
+    n_head = int(get("attention.head_count"))
+    if n_head <= 0 or n_embd <= 0:
+        raise ModelError(f"{source}: head_count and embedding_length must be positive")
+    n_head_kv = int(get("attention.head_count_kv", n_head))
+    if n_head_kv <= 0 or n_head % n_head_kv:
+        raise ModelError(f"{source}: head_count {n_head} is not a multiple of head_count_kv {n_head_kv}")
+    head_dim_k = int(get("attention.key_length", n_embd // n_head))
+    head_dim_v = int(get("attention.value_length", head_dim_k))
+    n_rot = int(get("rope.dimension_count", head_dim_k))
+    if n_rot % 2 or n_rot > head_dim_k:
+        raise ModelError(f"{source}: rope.dimension_count {n_rot} does not fit head size {head_dim_k}")
+    return HParams(
+        arch=arch,
+        n_layer=int(get("block_count")),
+        n_embd=n_embd,
+        n_ff=int(get("feed_forward_length")),
+        n_head=n_head,
+        n_head_kv=n_head_kv,
+        head_dim_k=head_dim_k,
+        head_dim_v=head_dim_v,
+        n_rot=n_rot,
+        rms_eps=float(get("attention.layer_norm_rms_epsilon")),
+        rope_base=float(get("rope.freq_base", 10000.0)),
+        rope_freq_scale=_rope_freq_scale(metadata, arch, source),
+        n_ctx_train=int(get("context_length")),
+        n_vocab=n_vocab,
+    )
+
+
+def _rope_freq_scale(metadata: dict, arch: str, source: str) -> float:
+    kind = metadata.get(f"{arch}.rope.scaling.type", "none")
+    factor = float(metadata.get(f"{arch}.rope.scaling.factor", 0.0))
+    if kind == "none" or factor in (0.0, 1.0):
+        return 1.0
+    if kind == "linear":
+        return 1.0 / factor
+    raise ModelError(f"unsupported RoPE scaling {kind!r} in {source}")
+
+
+def kv_bytes_per_token(metadata: dict) -> int:
+    """Bytes of float32 KV cache one token costs across all layers of the model described by metadata."""
+    arch = metadata.get("general.architecture")
+    if not arch:
+        raise ModelError("metadata has no general.architecture")
+
+    def get(suffix, default=None):
+        return _meta(metadata, f"{arch}.{suffix}", "metadata", default)
+
+    n_head = int(get("attention.head_count"))
+    n_head_kv = int(get("attention.head_count_kv", n_head))
+    head_dim_k = int(get("attention.key_length", int(get("embedding_length")) // n_head))
+    head_dim_v = int(get("attention.value_length", head_dim_k))
+    return int(get("block_count")) * n_head_kv * (head_dim_k + head_dim_v) * 4
+
+
+class Weights:
+    """Looks tensors up by name, turning a missing or misshapen one into a ModelError."""
+
+    def __init__(self, gguf_file, source: str):
+        self._gguf = gguf_file
+        self.source = source
+
+    def has(self, name: str) -> bool:
+        return name in self._gguf.tensors
+
+    def matrix(self, name: str, rows: int, cols: int):
+        """A quantized weight used by matvec/matmul: shape (rows, cols)."""
+        tensor = self._get(name)
+        if tuple(tensor.shape) != (rows, cols):
+            raise ModelError(f"tensor {name} in {self.source} has shape {tuple(tensor.shape)}, expected {(rows, cols)}")
+        return tensor
+
+    def vector(self, name: str, size: int) -> np.ndarray:
+        """A small float32 vector (norm weight, bias), dequantized once."""
+        tensor = self._get(name)
+        if tuple(tensor.shape) != (size,):
+            raise ModelError(f"tensor {name} in {self.source} has shape {tuple(tensor.shape)}, expected {(size,)}")
+        return np.ascontiguousarray(tensor.dequantize(), dtype=np.float32)
+
+    def _get(self, name: str):
+        try:
+            return self._gguf.tensor(name)
+        except (GGUFError, KeyError):
+            raise ModelError(f"missing tensor {name} in {self.source}") from None
+
+
+class Model(ABC):
+    """A decoder-only transformer over one GGUF file.
+
+    Subclasses load their layers in __init__ and implement `_layer(i, x, positions, cache)`,
+    the residual stream update of layer i for a block of tokens. This class owns what all
+    architectures share: embedding, blocking of long inputs, final norm and output head.
+    """
+
+    def __init__(self, gguf_file, hparams: HParams, weights: Weights):
+        self.gguf = gguf_file
+        self.hparams = hparams
+        hp = hparams
+        self.token_embd = weights.matrix("token_embd.weight", hp.n_vocab, hp.n_embd)
+        self.output_norm = weights.vector("output_norm.weight", hp.n_embd)
+        # Tied embeddings: files without output.weight reuse the token embedding as the head.
+        if weights.has("output.weight"):
+            self.output = weights.matrix("output.weight", hp.n_vocab, hp.n_embd)
+        else:
+            self.output = self.token_embd
+        self.embedding_scale = 1.0
+
+    @property
+    def n_vocab(self) -> int:
+        return self.hparams.n_vocab
+
+    def layer_windows(self) -> list[int]:
+        """Sliding-window size per layer; 0 means the layer attends to the whole context."""
+        return [0] * self.hparams.n_layer
+
+    def new_cache(self, n_ctx: int) -> KVCache:
+        hp = self.hparams
+        return KVCache(
+            n_layer=hp.n_layer,
+            n_head_kv=hp.n_head_kv,
+            head_dim_k=hp.head_dim_k,
+            head_dim_v=hp.head_dim_v,
+            n_ctx=n_ctx,
+            windows=self.layer_windows(),
+            max_append=PREFILL_BLOCK,
+        )
+
+    def forward(self, tokens, cache: KVCache, all_logits: bool = False) -> np.ndarray:
+        """Run `tokens` at the cache's next positions and append them to the cache.
+
+        Returns float32 logits of shape (len(tokens), n_vocab) when all_logits, else the
+        logits of the last token, shape (n_vocab,).
+        """
+        ids = np.asarray(tokens, dtype=np.int64).reshape(-1)
+        if ids.size == 0:
+            raise ModelError("forward needs at least one token")
+        if ids.min() < 0 or ids.max() >= self.n_vocab:
+            bad = int(ids[(ids < 0) | (ids >= self.n_vocab)][0])
+            raise ModelError(f"token id {bad} is outside the vocabulary of {self.n_vocab}")
+        cache.check_room(ids.size)
+        outputs = []
+        for start in range(0, ids.size, PREFILL_BLOCK):
+            block = ids[start : start + PREFILL_BLOCK]
+            is_last = start + PREFILL_BLOCK >= ids.size
+            hidden = self._run_block(block, cache)
+            if all_logits:
+                outputs.append(self._head(hidden))
+            elif is_last:
+                outputs.append(self._head(hidden[-1:])[0])
+        return np.concatenate(outputs) if all_logits else outputs[0]
+
+    def _run_block(self, ids: np.ndarray, cache: KVCache) -> np.ndarray:
+        positions = cache.append(ids.size)
+        x = kernels.embed(self.token_embd, ids)
+        if self.embedding_scale != 1.0:
+            x *= np.float32(self.embedding_scale)
+        for i in range(self.hparams.n_layer):
+            self._layer(i, x, positions, cache)
+        return x
+
+    def _head(self, hidden: np.ndarray) -> np.ndarray:
+        normed = kernels.rms_norm(hidden, self.output_norm, self.hparams.rms_eps)
+        return linear(self.output, normed)
+
+    @abstractmethod
+    def _layer(self, i: int, x: np.ndarray, positions: np.ndarray, cache: KVCache) -> None:
+        """Update the residual stream x (n, n_embd) in place with layer i."""
+
+
+def linear(weight, x: np.ndarray) -> np.ndarray:
+    """x (n, cols) times weight transposed: matvec for a single row, matmul for a block."""
+    if x.shape[0] == 1:
+        return kernels.matvec(weight, x[0])[None, :]
+    return kernels.matmul(weight, x)
+
+
+def attention_scale(head_dim: int) -> float:
+    return 1.0 / math.sqrt(head_dim)
+
+
+def source_name(path) -> str:
+    return Path(path).name if path is not None else "<gguf>"

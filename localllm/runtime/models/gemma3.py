@@ -1,0 +1,115 @@
+"""Gemma 3 (text).
+
+Differences from Llama, as llama.cpp implements them: the token embedding is scaled by
+sqrt(n_embd); queries and keys get a per-head RMSNorm before NeoX RoPE; attention and FFN
+outputs are RMS-normed again before joining the residual stream; the FFN is GeGLU; five of
+every six layers attend through a sliding window with RoPE base 10000, the sixth globally
+with the file's base; the output head is tied to the embedding. The GGUF converter already
+folded Gemma's "1 + weight" into the stored norm weights, so they are used as stored.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from localllm.errors import ModelError
+from localllm.kernels import cpu as kernels
+from localllm.runtime.models.base import Model, Weights, linear, read_hparams
+
+SLIDING_PATTERN = 6
+LOCAL_ROPE_BASE = 10000.0
+# llama.cpp scales the 27B model's queries by its model width per head instead of head size.
+BLOCK_COUNT_27B = 62
+
+
+@dataclass
+class Gemma3Layer:
+    attn_norm: np.ndarray
+    wq: object
+    wk: object
+    wv: object
+    wo: object
+    q_norm: np.ndarray
+    k_norm: np.ndarray
+    post_attn_norm: np.ndarray
+    ffn_norm: np.ndarray
+    gate: object
+    up: object
+    down: object
+    post_ffn_norm: np.ndarray
+
+
+class Gemma3Model(Model):
+    def __init__(self, gguf_file, source: str, n_vocab: int):
+        hp = read_hparams(gguf_file.metadata, source, n_vocab)
+        weights = Weights(gguf_file, source)
+        super().__init__(gguf_file, hp, weights)
+        self.embedding_scale = math.sqrt(hp.n_embd)
+        window = int(gguf_file.metadata.get("gemma3.attention.sliding_window", 0))
+        if window < 0:
+            raise ModelError(f"gemma3.attention.sliding_window is negative in {source}")
+        self.windows = [
+            window if window and i % SLIDING_PATTERN < SLIDING_PATTERN - 1 else 0 for i in range(hp.n_layer)
+        ]
+        if hp.n_layer == BLOCK_COUNT_27B:
+            self.scale = 1.0 / math.sqrt(hp.n_embd / hp.n_head)
+        else:
+            self.scale = 1.0 / math.sqrt(hp.head_dim_k)
+        q_dim, kv_dim = hp.n_head * hp.head_dim_k, hp.n_head_kv * hp.head_dim_k
+
+        self.layers = []
+        for i in range(hp.n_layer):
+            p = f"blk.{i}."
+            self.layers.append(
+                Gemma3Layer(
+                    attn_norm=weights.vector(p + "attn_norm.weight", hp.n_embd),
+                    wq=weights.matrix(p + "attn_q.weight", q_dim, hp.n_embd),
+                    wk=weights.matrix(p + "attn_k.weight", kv_dim, hp.n_embd),
+                    wv=weights.matrix(p + "attn_v.weight", hp.n_head_kv * hp.head_dim_v, hp.n_embd),
+                    wo=weights.matrix(p + "attn_output.weight", hp.n_embd, hp.n_head * hp.head_dim_v),
+                    q_norm=weights.vector(p + "attn_q_norm.weight", hp.head_dim_k),
+                    k_norm=weights.vector(p + "attn_k_norm.weight", hp.head_dim_k),
+                    post_attn_norm=weights.vector(p + "post_attention_norm.weight", hp.n_embd),
+                    ffn_norm=weights.vector(p + "ffn_norm.weight", hp.n_embd),
+                    gate=weights.matrix(p + "ffn_gate.weight", hp.n_ff, hp.n_embd),
+                    up=weights.matrix(p + "ffn_up.weight", hp.n_ff, hp.n_embd),
+                    down=weights.matrix(p + "ffn_down.weight", hp.n_embd, hp.n_ff),
+                    post_ffn_norm=weights.vector(p + "post_ffw_norm.weight", hp.n_embd),
+                )
+            )
+
+    def layer_windows(self) -> list[int]:
+        return list(self.windows)
+
+    def _layer(self, i, x, positions, cache):
+        hp, layer = self.hparams, self.layers[i]
+        n = x.shape[0]
+        window = self.windows[i]
+        if window:
+            base, freq_scale = LOCAL_ROPE_BASE, 1.0
+        else:
+            base, freq_scale = hp.rope_base, hp.rope_freq_scale
+
+        h = kernels.rms_norm(x, layer.attn_norm, hp.rms_eps)
+        q = linear(layer.wq, h).reshape(n, hp.n_head, hp.head_dim_k)
+        k = linear(layer.wk, h).reshape(n, hp.n_head_kv, hp.head_dim_k)
+        v = linear(layer.wv, h).reshape(n, hp.n_head_kv, hp.head_dim_v)
+        q = kernels.rms_norm(q, layer.q_norm, hp.rms_eps)
+        k = kernels.rms_norm(k, layer.k_norm, hp.rms_eps)
+        kernels.rope(q, positions, n_rot=hp.n_rot, base=base, freq_scale=freq_scale, neox=True)
+        kernels.rope(k, positions, n_rot=hp.n_rot, base=base, freq_scale=freq_scale, neox=True)
+        cache.write(i, k, v)
+        keys, values, key_positions = cache.view(i)
+        attn = kernels.attention(q, keys, values, positions, key_positions, scale=self.scale, window=window)
+        attn_out = linear(layer.wo, attn.reshape(n, hp.n_head * hp.head_dim_v))
+        x += kernels.rms_norm(attn_out, layer.post_attn_norm, hp.rms_eps)
+
+        h = kernels.rms_norm(x, layer.ffn_norm, hp.rms_eps)
+        ffn_out = linear(layer.down, kernels.geglu(linear(layer.gate, h), linear(layer.up, h)))
+        x += kernels.rms_norm(ffn_out, layer.post_ffn_norm, hp.rms_eps)
+
+
+ARCHITECTURES = {"gemma3": Gemma3Model}

@@ -1,0 +1,91 @@
+"""Shared helpers for the kernel tests: random quantized weights and error measures.
+
+Random blocks are random bytes whose f16 scale fields are overwritten with finite, modest
+values, so every bit pattern of the quantized payload is exercised while the dequantized
+weights stay in a range where float32 arithmetic is meaningful.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+from gguf.quants import dequantize as reference_dequantize
+
+Q = GGMLQuantizationType
+
+# Byte offsets, inside one block, of the f16 scale/min fields (from the ggml block structs).
+F16_FIELDS: dict[GGMLQuantizationType, tuple[int, ...]] = {
+    Q.Q4_0: (0,),
+    Q.Q4_1: (0, 2),
+    Q.Q5_0: (0,),
+    Q.Q5_1: (0, 2),
+    Q.Q8_0: (0,),
+    Q.Q2_K: (80, 82),
+    Q.Q3_K: (108,),
+    Q.Q4_K: (0, 2),
+    Q.Q5_K: (0, 2),
+    Q.Q6_K: (208,),
+    Q.TQ1_0: (52,),
+    Q.TQ2_0: (64,),
+}
+
+FLOAT_TYPES = (Q.F32, Q.F16, Q.BF16)
+
+
+@dataclass
+class RawWeight:
+    """Stand-in for localllm.formats.gguf.Tensor built from bytes in memory."""
+
+    type: GGMLQuantizationType
+    raw: np.ndarray
+    shape: tuple[int, int]
+    name: str = "random"
+
+    def dequantize(self) -> np.ndarray:
+        return reference_dequantize(self.raw, self.type).reshape(self.shape).astype(np.float32)
+
+
+def block_size(qtype: GGMLQuantizationType) -> int:
+    return GGML_QUANT_SIZES[qtype][0]
+
+
+def random_weight(qtype: GGMLQuantizationType, rows: int, blocks_per_row: int,
+                  seed: int = 0, scale: float = 0.05) -> RawWeight:
+    """A (rows, blocks_per_row * block_size) weight of random blocks of `qtype`."""
+    rng = np.random.default_rng(seed)
+    elements_per_block, bytes_per_block = GGML_QUANT_SIZES[qtype]
+    cols = blocks_per_row * elements_per_block
+    if qtype in FLOAT_TYPES:
+        values = rng.standard_normal((rows, cols)).astype(np.float32)
+        if qtype == Q.F32:
+            raw = values.view(np.uint8)
+        elif qtype == Q.F16:
+            raw = values.astype(np.float16).view(np.uint8)
+        else:
+            raw = (values.view(np.uint32) >> 16).astype(np.uint16).view(np.uint8)
+        return RawWeight(qtype, np.ascontiguousarray(raw.reshape(rows, -1)), (rows, cols))
+    blocks = rng.integers(0, 256, size=(rows * blocks_per_row, bytes_per_block), dtype=np.uint8)
+    for offset in F16_FIELDS[qtype]:
+        halves = rng.uniform(scale / 20, scale, size=rows * blocks_per_row)
+        halves *= rng.choice([-1.0, 1.0], size=halves.shape)
+        blocks[:, offset:offset + 2] = halves.astype(np.float16).view(np.uint8).reshape(-1, 2)
+    raw = blocks.reshape(rows, blocks_per_row * bytes_per_block)
+    return RawWeight(qtype, raw, (rows, cols))
+
+
+def random_activations(n: int, cols: int, seed: int = 1) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal((n, cols)).astype(np.float32)
+
+
+def relative_error(y: np.ndarray, y_ref: np.ndarray) -> float:
+    """‖y − y_ref‖ / ‖y_ref‖ computed in float64."""
+    y = np.asarray(y, dtype=np.float64)
+    y_ref = np.asarray(y_ref, dtype=np.float64)
+    return float(np.linalg.norm(y - y_ref) / np.linalg.norm(y_ref))
+
+
+def reference_product(weights: np.ndarray, X: np.ndarray) -> np.ndarray:
+    """X @ weights.T in float64: (n, cols) x (rows, cols) -> (n, rows)."""
+    return np.asarray(X, dtype=np.float64) @ np.asarray(weights, dtype=np.float64).T
