@@ -349,3 +349,28 @@ def test_open_large_model_is_fast_and_reads_no_tensor_data(model_path):
     # CPU time, best of three: the shared test machine inflates wall-clock time at random.
     assert result["cpu"] < 0.5, result
     assert result["rss_growth"] < 50 * 2**20, result
+
+
+def test_hand_built_hostile_headers(tmp_path):
+    header = struct.Struct("<IIQQ")
+
+    def kv_file(name: str, body: bytes, version: int = 3, n_kv: int = 1):
+        path = tmp_path / name
+        path.write_bytes(header.pack(gguf.GGUF_MAGIC, version, 0, n_kv) + body)
+        return path
+
+    key = struct.pack("<Q", 1) + b"k"
+    deep = key + struct.pack("<I", GGUFValueType.ARRAY) + struct.pack("<IQ", GGUFValueType.ARRAY, 1) * 100_000
+    expect_error(kv_file("deep.gguf", deep), "metadata key 'k'", "nested")
+    huge = key + struct.pack("<IIQ", GGUFValueType.ARRAY, GGUFValueType.UINT64, 2**60)
+    expect_error(kv_file("huge.gguf", huge), "metadata key 'k'", f"array of {2**60} UINT64")
+    bad_bool = key + struct.pack("<IB", GGUFValueType.BOOL, 2)
+    expect_error(kv_file("bool.gguf", bad_bool), "metadata key 'k'", "bool value 2")
+    bad_utf8 = key + struct.pack("<IQ", GGUFValueType.STRING, 2) + b"\xff\xfe"
+    expect_error(kv_file("utf8.gguf", bad_utf8), "metadata key 'k'", "not valid UTF-8")
+    twice = key + struct.pack("<IB", GGUFValueType.UINT8, 1)
+    expect_error(kv_file("twice.gguf", twice * 2, n_kv=2), "metadata key 'k'", "duplicate key")
+    expect_error(kv_file("bigendian.gguf", b"", version=0x03000000, n_kv=0), "big-endian")
+    expect_error(kv_file("v1.gguf", b"", version=1, n_kv=0), "version 1 is not supported")
+    with open_gguf(kv_file("empty-ok.gguf", b"", n_kv=0)) as g:
+        assert g.metadata == {} and g.tensors == {} and g.architecture is None

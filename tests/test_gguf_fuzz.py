@@ -145,6 +145,8 @@ def check_case(path, description: str) -> str:
         g = open_gguf(path)
     except GGUFError as exc:
         assert str(path) in str(exc), f"{description}: message does not name the file: {exc}"
+        # open_gguf's safety net for unforeseen exceptions must never be what caught a case.
+        assert "unreadable GGUF header" not in str(exc), f"{description}: {exc}"
         outcome = "rejected"
     except Exception as exc:
         pytest.fail(f"{description}: {type(exc).__name__} instead of GGUFError: {exc}")

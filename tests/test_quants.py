@@ -83,6 +83,8 @@ def test_bad_arguments_raise_gguf_error():
         quants.dequantize(np.zeros(35, np.uint8), q4_0, (2, 32))
     with pytest.raises(GGUFError, match="multiple of 32"):
         quants.dequantize(raw, q4_0, (3, 24))
+    with pytest.raises(GGUFError, match="positive"):
+        quants.dequantize(raw, q4_0, ())
     with pytest.raises(GGUFError, match="IQ2_XXS is not supported"):
         quants.dequantize(raw, GGMLQuantizationType.IQ2_XXS, (1, 256))
     with pytest.raises(GGUFError, match="unknown tensor type 999"):

@@ -38,6 +38,7 @@ float32 operations in the same order.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -358,13 +359,12 @@ def dequantize(raw: np.ndarray, qtype: GGMLQuantizationType, shape: tuple[int, .
     if not isinstance(raw, np.ndarray) or raw.dtype != np.uint8:
         raise GGUFError(f"raw {qtype.name} data must be a uint8 array, got {type(raw).__name__}")
     shape = tuple(int(s) for s in shape)
-    n_weights = int(np.prod(shape, dtype=np.int64)) if shape else 1
-    if any(s <= 0 for s in shape) or (shape and shape[-1] % layout.block_size):
+    if not shape or any(s <= 0 for s in shape) or shape[-1] % layout.block_size:
         raise GGUFError(
             f"shape {shape} does not fit {qtype.name}: dims must be positive and the last a "
             f"multiple of {layout.block_size}"
         )
-    n_blocks = n_weights // layout.block_size
+    n_blocks = math.prod(shape) // layout.block_size
     if raw.size != n_blocks * layout.type_size:
         raise GGUFError(
             f"{qtype.name} tensor of shape {shape} needs {n_blocks * layout.type_size} bytes, "

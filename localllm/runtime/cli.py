@@ -13,7 +13,7 @@ import sys
 import traceback
 from collections.abc import Callable
 
-from localllm.errors import LocalLLMError
+from localllm.errors import InvalidParameterError, LocalLLMError
 
 EXIT_ERROR = 2
 EXIT_INTERRUPTED = 130
@@ -82,6 +82,128 @@ def _cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _read_prompt(args: argparse.Namespace) -> str:
+    if args.prompt in (None, "-"):
+        if args.prompt is None and sys.stdin.isatty():
+            raise InvalidParameterError("no prompt: give PROMPT, or `-` to read it from stdin")
+        return sys.stdin.read()
+    return args.prompt
+
+
+def _generation_options(args: argparse.Namespace) -> dict:
+    options = {
+        "temperature": args.temp,
+        "top_k": args.top_k,
+        "top_p": args.top_p,
+        "min_p": args.min_p,
+        "repeat_penalty": args.repeat_penalty,
+        "seed": args.seed,
+    }
+    options = {name: value for name, value in options.items() if value is not None}
+    options["max_tokens"] = args.max_tokens if args.max_tokens > 0 else None
+    options["stop"] = args.stop or ()
+    return options
+
+
+def _print_stats(completion, stream=sys.stderr) -> None:
+    import resource
+
+    stats = completion.stats
+    peak_rss_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+    def rate(value):
+        return "n/a" if value is None else f"{value:.2f} tokens/s"
+
+    ttft = "n/a" if stats.time_to_first_token is None else f"{stats.time_to_first_token * 1000:.0f} ms"
+    lines = [
+        f"load time:        {stats.load_seconds:.2f} s",
+        f"prompt:           {stats.prompt_tokens} tokens, {rate(stats.prompt_tokens_per_second)}",
+        f"generation:       {stats.completion_tokens} tokens, {rate(stats.tokens_per_second)}",
+        f"time to 1st tok:  {ttft}",
+        f"stop reason:      {completion.stop_reason}",
+        f"peak RSS:         {peak_rss_mib:.0f} MiB",
+    ]
+    print("\n".join(lines), file=stream, flush=True)
+
+
+def _completion_json(completion) -> str:
+    stats = completion.stats
+    timings = stats.as_dict()
+    for count in ("prompt_tokens", "completion_tokens"):
+        del timings[count]
+    return json.dumps(
+        {
+            "text": completion.text,
+            "prompt_tokens": stats.prompt_tokens,
+            "completion_tokens": stats.completion_tokens,
+            "token_ids": completion.token_ids,
+            "stop_reason": str(completion.stop_reason),
+            "timings": timings,
+        },
+        ensure_ascii=False,
+    )
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    from localllm.runtime.catalog import default_model
+    from localllm.runtime.llm import LLM
+
+    if args.chat and args.raw:
+        raise InvalidParameterError("--chat and --raw cannot be combined")
+    if args.system is not None and not args.chat:
+        raise InvalidParameterError("--system needs --chat")
+    options = _generation_options(args)
+    prompt = _read_prompt(args)
+    with LLM(args.model or default_model(), n_ctx=args.ctx, threads=args.threads) as llm:
+        if args.chat:
+            messages = [{"role": "system", "content": args.system}] if args.system is not None else []
+            messages.append({"role": "user", "content": prompt})
+            stream = llm.chat(messages, stream=True, **options)
+        else:
+            stream = llm.stream(llm.tokenize(prompt, add_bos=not args.raw), **options)
+        echo = not args.json
+        try:
+            for chunk in stream:
+                if echo and chunk.text:
+                    sys.stdout.write(chunk.text)
+                    sys.stdout.flush()
+        except KeyboardInterrupt:
+            stream.close()
+            if echo:
+                sys.stdout.write("\n")
+                sys.stdout.flush()
+            _print_stats(stream.completion)
+            return EXIT_INTERRUPTED
+        completion = stream.completion
+    if args.json:
+        print(_completion_json(completion), flush=True)
+    elif sys.stdout.isatty():
+        print(flush=True)
+    if args.verbose:
+        _print_stats(completion)
+    return 0
+
+
+def _args_generate(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("prompt", nargs="?", metavar="PROMPT", help="the prompt; `-` (or nothing) reads stdin")
+    parser.add_argument("-m", "--model", help="catalog name or path to a .gguf file (default: the catalog default)")
+    parser.add_argument("-n", "--max-tokens", type=int, default=256, help="most tokens to generate; 0: until the context is full (default 256)")
+    parser.add_argument("--temp", type=float, help="temperature; 0 is greedy (default 0.8)")
+    parser.add_argument("--top-k", type=int, help="keep the k most likely tokens; 0 disables (default 40)")
+    parser.add_argument("--top-p", type=float, help="nucleus sampling mass; 1 disables (default 0.95)")
+    parser.add_argument("--min-p", type=float, help="drop tokens below min-p times the best one's probability (default 0.05)")
+    parser.add_argument("--repeat-penalty", type=float, help="penalty for recently used tokens; 1 disables (default 1)")
+    parser.add_argument("--seed", type=int, help="random seed, for reproducible sampling")
+    parser.add_argument("--stop", action="append", metavar="TEXT", help="stop before this text (repeatable)")
+    parser.add_argument("--ctx", type=int, default=2048, help="context size in tokens (default 2048)")
+    parser.add_argument("--threads", type=int, help="compute threads (default: all cores)")
+    parser.add_argument("--chat", action="store_true", help="wrap the prompt as a user message in the model's chat template")
+    parser.add_argument("--system", help="system message (with --chat)")
+    parser.add_argument("--raw", action="store_true", help="no BOS token, no template: the prompt as is")
+    parser.add_argument("--json", action="store_true", help="print one JSON object at the end instead of streaming")
+    parser.add_argument("-v", "--verbose", action="store_true", help="timings and peak memory on stderr")
+
+
 def _args_pull(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("names", nargs="+", metavar="NAME", help="catalog model name")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress display")
@@ -108,6 +230,7 @@ _SUBCOMMANDS: list[
     ("list", "show the catalog and which models are in the store", None, _cmd_list),
     ("rm", "delete a model from the store", _args_rm, _cmd_rm),
     ("info", "describe a model: hyperparameters, tokenizer, tensor types", _args_info, _cmd_info),
+    ("generate", "generate text from a prompt, streamed to stdout", _args_generate, _cmd_generate),
 ]
 
 

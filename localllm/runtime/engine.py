@@ -1,7 +1,7 @@
 """The generation loop: prefill a prompt, then sample and decode one token at a time.
 
-`Generation` runs one request over a model, a tokenizer and a KV cache. Iterating it yields
-`Chunk`s as tokens arrive; once the iteration ends (finished, or abandoned by the consumer),
+`Generation` runs one request over a model, a tokenizer and a fresh KV cache. It is an
+iterator of `Chunk`s as tokens arrive; once it ends (finished, or closed by the consumer),
 `Generation.completion` holds the whole `Completion` with its `GenerationStats`.
 
 Text is produced by the tokenizer's streaming decoder, so a chunk never holds half a UTF-8
@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from numbers import Integral
 
@@ -116,43 +116,86 @@ def check_prompt_fits(n_prompt: int, n_ctx: int) -> None:
         raise ContextOverflowError(f"prompt has {n_prompt} tokens but the context holds {n_ctx}")
 
 
-class Generation:
-    """One generation: iterate for `Chunk`s, then read `completion`.
+class GenerationLock:
+    """Serializes generations on one model; a thread that still holds it (a suspended stream it
+    has not closed) gets an error instead of waiting for itself forever."""
 
-    `cache` must be empty or hold a prefix of `prompt_ids` (the first `cache.n_tokens` ids);
-    only the rest of the prompt is prefilled. The context limit is the cache's `n_ctx`.
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._owner: int | None = None
+
+    def __enter__(self):
+        if self._owner == threading.get_ident():
+            raise InvalidParameterError(
+                "this thread already has a generation open on this model; finish or close() it first"
+            )
+        self._lock.acquire()
+        self._owner = threading.get_ident()
+        return self
+
+    def __exit__(self, *exc_info):
+        self._owner = None
+        # A plain Lock may be released from another thread: an abandoned stream is finalized
+        # wherever the garbage collector runs.
+        self._lock.release()
+        return False
+
+
+class _Outcome:
+    """What a running generation reports back; shared with its chunk generator, which must not
+    reference the `Generation` itself (that cycle would keep an abandoned stream, and the model
+    lock it holds, alive until the cyclic garbage collector happens to run)."""
+
+    def __init__(self, stats: GenerationStats):
+        self.stats = stats
+        self.completion: Completion | None = None
+
+
+class Generation:
+    """One generation: an iterator of `Chunk`s; `completion` once it has ended.
+
+    Nothing runs until the first chunk is requested. Then `lock` (if given) is taken and held
+    until the generation ends or is closed (`close()`, or dropping the last reference), and
+    `new_cache()` provides an empty KV cache of `n_ctx` entries that the prompt is prefilled into.
     """
 
     def __init__(
         self,
         model,
         tokenizer,
-        cache,
         prompt_ids: Sequence[int],
         request: GenerationRequest,
         *,
+        n_ctx: int,
+        new_cache: Callable[[], object],
+        lock: GenerationLock | None = None,
         load_seconds: float = 0.0,
     ):
         self.prompt_ids = [int(i) for i in prompt_ids]
-        check_prompt_fits(len(self.prompt_ids), cache.n_ctx)
-        if cache.n_tokens >= len(self.prompt_ids):
-            raise InvalidParameterError(
-                f"the cache holds {cache.n_tokens} tokens; at least the last prompt token must be fed"
-            )
-        self.model = model
-        self.tokenizer = tokenizer
-        self.cache = cache
+        check_prompt_fits(len(self.prompt_ids), n_ctx)
         self.request = request
-        self.sampler = Sampler(request.sampling, model.n_vocab)
-        self.stats = GenerationStats(load_seconds=load_seconds, prompt_tokens=len(self.prompt_ids))
-        self.completion: Completion | None = None
-        self._started = False
+        sampler = Sampler(request.sampling, model.n_vocab)
+        self._outcome = _Outcome(GenerationStats(load_seconds=load_seconds, prompt_tokens=len(self.prompt_ids)))
+        chunks = _chunks(model, tokenizer, sampler, self.prompt_ids, request, new_cache, self._outcome)
+        self._chunks = chunks if lock is None else _holding(lock, chunks)
+
+    @property
+    def stats(self) -> GenerationStats:
+        return self._outcome.stats
+
+    @property
+    def completion(self) -> Completion | None:
+        return self._outcome.completion
 
     def __iter__(self) -> Iterator[Chunk]:
-        if self._started:
-            raise InvalidParameterError("a Generation can only be iterated once")
-        self._started = True
-        return self._run()
+        return self
+
+    def __next__(self) -> Chunk:
+        return next(self._chunks)
+
+    def close(self) -> None:
+        """Stop early (the completion's reason is "cancelled") and release the model."""
+        self._chunks.close()
 
     def run(self) -> Completion:
         """Generate to the end without streaming."""
@@ -160,56 +203,66 @@ class Generation:
             pass
         return self.completion
 
-    def _run(self) -> Iterator[Chunk]:
-        request, stats, cache = self.request, self.stats, self.cache
-        eos_ids = frozenset(self.tokenizer.eos_ids)
-        decoder = self.tokenizer.stream_decoder(skip_special=True)
-        stops = StopStrings(request.stop)
-        context = list(self.prompt_ids)
-        generated: list[int] = []
-        texts: list[str] = []
-        reason = StopReason.CANCELLED
-        started = time.perf_counter()
-        try:
-            logits = self.model.forward(context[cache.n_tokens :], cache)
-            stats.prompt_seconds = time.perf_counter() - started
-            while True:
-                if request.cancel is not None and request.cancel.is_set():
-                    break
-                token, logprob = self.sampler.sample(logits, context)
-                if stats.time_to_first_token is None:
-                    stats.time_to_first_token = time.perf_counter() - started
-                if token in eos_ids:
-                    reason = StopReason.STOP
-                    break
-                context.append(token)
-                generated.append(token)
-                text, stopped = stops.feed(decoder.push(token))
-                texts.append(text)
-                yield Chunk(text, token, logprob)
-                if stopped:
-                    reason = StopReason.STOP
-                    break
-                if len(generated) == request.max_tokens or cache.n_tokens >= cache.n_ctx:
-                    reason = StopReason.LENGTH
-                    break
-                if request.cancel is not None and request.cancel.is_set():
-                    break
-                step_start = time.perf_counter()
-                logits = self.model.forward([token], cache)
-                stats.decode_seconds += time.perf_counter() - step_start
-                stats.decode_tokens += 1
-            if not stops.stopped:
-                tail, stopped = stops.feed(decoder.flush())
-                if stopped:
-                    reason = StopReason.STOP
-                else:
-                    tail += stops.flush()
-                if tail:
-                    texts.append(tail)
-                    yield Chunk(tail, None, None)
-        finally:
-            stats.completion_tokens = len(generated)
-            stats.total_seconds = time.perf_counter() - started
-            self.completion = Completion("".join(texts), generated, reason, stats)
 
+def _holding(lock: GenerationLock, chunks: Iterator[Chunk]) -> Iterator[Chunk]:
+    with lock:
+        try:
+            yield from chunks
+        finally:
+            chunks.close()
+
+
+def _chunks(model, tokenizer, sampler: Sampler, prompt_ids: list[int], request: GenerationRequest,
+            new_cache: Callable[[], object], outcome: _Outcome) -> Iterator[Chunk]:  # fmt: skip
+    stats = outcome.stats
+    eos_ids = frozenset(tokenizer.eos_ids)
+    decoder = tokenizer.stream_decoder(skip_special=True)
+    stops = StopStrings(request.stop)
+    context = list(prompt_ids)
+    generated: list[int] = []
+    texts: list[str] = []
+    reason = StopReason.CANCELLED
+    started = time.perf_counter()
+    try:
+        cache = new_cache()
+        logits = model.forward(context, cache)
+        stats.prompt_seconds = time.perf_counter() - started
+        while True:
+            if request.cancel is not None and request.cancel.is_set():
+                break
+            token, logprob = sampler.sample(logits, context)
+            if stats.time_to_first_token is None:
+                stats.time_to_first_token = time.perf_counter() - started
+            if token in eos_ids:
+                reason = StopReason.STOP
+                break
+            context.append(token)
+            generated.append(token)
+            text, stopped = stops.feed(decoder.push(token))
+            texts.append(text)
+            yield Chunk(text, token, logprob)
+            if stopped:
+                reason = StopReason.STOP
+                break
+            if len(generated) == request.max_tokens or cache.n_tokens >= cache.n_ctx:
+                reason = StopReason.LENGTH
+                break
+            if request.cancel is not None and request.cancel.is_set():
+                break
+            step_start = time.perf_counter()
+            logits = model.forward([token], cache)
+            stats.decode_seconds += time.perf_counter() - step_start
+            stats.decode_tokens += 1
+        if not stops.stopped:
+            tail, stopped = stops.feed(decoder.flush())
+            if stopped:
+                reason = StopReason.STOP
+            else:
+                tail += stops.flush()
+            if tail:
+                texts.append(tail)
+                yield Chunk(tail, None, None)
+    finally:
+        stats.completion_tokens = len(generated)
+        stats.total_seconds = time.perf_counter() - started
+        outcome.completion = Completion("".join(texts), generated, reason, stats)
