@@ -167,6 +167,7 @@ def test_seeds_reproduce_and_differ(runner):
         ({"temperature": -1}, "temperature"),
         ({"max_tokens": 0}, "max_tokens"),
         ({"stop": [""]}, "stop"),
+        ({"stop": 5}, "stop"),
         ({"cancel": True}, "cancel"),
         ({"tempertaure": 0.5}, "unknown generation option 'tempertaure'"),
     ],
@@ -199,11 +200,97 @@ def test_lock_is_held_while_a_stream_is_suspended_and_released_when_dropped(runn
     waiter.join()
 
 
-def test_same_thread_reentry_raises_instead_of_deadlocking(runner):
+def test_a_new_generation_on_the_same_thread_closes_its_suspended_one(runner):
     lock = GenerationLock()
     first = runner.generation(temperature=0, max_tokens=50, lock=lock)
     next(first)
-    with pytest.raises(InvalidParameterError, match="already has a generation open"):
-        next(runner.generation(temperature=0, max_tokens=2, lock=lock))
-    first.close()
-    assert runner.generation(temperature=0, max_tokens=2, lock=lock).run().stop_reason == "length"
+    second = runner.generation(temperature=0, max_tokens=8, lock=lock).run()
+    assert first.completion.stop_reason == "cancelled"
+    assert len(first.completion.token_ids) == 1
+    assert next(first, None) is None
+    assert second.stop_reason == "length" and len(second.token_ids) == 8
+    with lock:
+        pass
+
+
+# ---- the Python API: LLM.generate / stream / chat ------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def llm(model_path):
+    from localllm.runtime.llm import LLM
+
+    with LLM(model_path(SMOLLM), n_ctx=512) as llm:
+        yield llm
+
+
+def test_llm_generate_equals_the_engine(llm, greedy_8):
+    _, engine_completion = greedy_8
+    completion = llm.generate(PROMPT, temperature=0, max_tokens=8)
+    assert completion.token_ids == engine_completion.token_ids
+    assert completion.text == engine_completion.text
+    assert completion.stats.load_seconds == llm.load_seconds > 0
+    assert llm.generate(llm.tokenize(PROMPT), temperature=0, max_tokens=8).token_ids == completion.token_ids
+
+
+def test_four_threads_sharing_one_llm_get_their_single_threaded_answers(llm):
+    prompts = ["The capital of France is", "def fibonacci(n):", "Once upon a time", "1, 2, 3, 4,"]
+    expected = [llm.generate(p, temperature=0, max_tokens=6) for p in prompts]
+    results = [None] * len(prompts)
+
+    def work(i):
+        results[i] = llm.generate(prompts[i], temperature=0, max_tokens=6)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(prompts))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=300)
+    for got, want in zip(results, expected):
+        assert got is not None
+        assert (got.token_ids, got.text, got.stop_reason) == (want.token_ids, want.text, want.stop_reason)
+
+
+def test_breaking_out_of_a_stream_leaves_the_model_usable(llm):
+    expected = llm.generate(PROMPT, temperature=0, max_tokens=6)
+    for n, _ in enumerate(llm.stream("Once upon a time", temperature=0, max_tokens=50), 1):
+        if n == 3:
+            break
+    assert llm.generate(PROMPT, temperature=0, max_tokens=6).token_ids == expected.token_ids
+    kept = llm.stream("Once upon a time", temperature=0, max_tokens=50)
+    for n, _ in enumerate(kept, 1):
+        if n == 3:
+            break
+    assert llm.generate(PROMPT, temperature=0, max_tokens=6).token_ids == expected.token_ids
+    assert kept.completion.stop_reason == "cancelled"
+
+
+def test_cancel_mid_stream_through_the_api(llm):
+    cancel = threading.Event()
+    stream = llm.stream(PROMPT, temperature=0, max_tokens=50, cancel=cancel)
+    chunks = []
+    for chunk in stream:
+        chunks.append(chunk)
+        if len(chunks) == 3:
+            cancel.set()
+    assert stream.completion.stop_reason == "cancelled"
+    assert stream.completion.token_ids == [c.token_id for c in chunks]
+
+
+def test_chat_prompt_matches_llama_cpp_and_answers(llm):
+    case = next(c for c in load_reference(SMOLLM)["cases"] if c["name"] == "chat")
+    messages = [
+        {"role": "system", "content": "You are a helpful assistant."},
+        {"role": "user", "content": "Write a haiku about the sea."},
+    ]
+    assert llm.chat_prompt(messages) == case["tokens"]
+    completion = llm.chat(messages, temperature=0, max_tokens=8)
+    assert completion.stats.prompt_tokens == len(case["tokens"])
+    assert completion.token_ids[:4] == case["greedy"][:4]
+    streamed = llm.chat(messages, stream=True, temperature=0, max_tokens=8)
+    assert "".join(chunk.text for chunk in streamed) == completion.text
+
+
+def test_llm_rejects_a_prompt_over_its_context(llm):
+    with pytest.raises(ContextOverflowError, match="prompt has 600 tokens but the context holds 512"):
+        llm.generate([1] * 600)

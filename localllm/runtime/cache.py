@@ -30,7 +30,7 @@ class KVCache:
         n_ctx: int,
         windows: list[int],
         max_append: int,
-        max_rollback: int = 256,
+        max_rollback: int,
     ):
         if n_ctx <= 0:
             raise InvalidParameterError(f"context size must be positive, got {n_ctx}")

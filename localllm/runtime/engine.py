@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from numbers import Integral
@@ -94,6 +95,8 @@ class GenerationRequest:
             stop = ()
         elif isinstance(stop, str):
             stop = (stop,)
+        elif not isinstance(stop, (list, tuple)):
+            raise InvalidParameterError(f"stop must be a string or a list of strings, got {type(stop).__name__}")
         object.__setattr__(self, "stop", StopStrings(stop).stops)
         if self.cancel is not None and not isinstance(self.cancel, threading.Event):
             raise InvalidParameterError(f"cancel must be a threading.Event, got {type(self.cancel).__name__}")
@@ -117,27 +120,43 @@ def check_prompt_fits(n_prompt: int, n_ctx: int) -> None:
 
 
 class GenerationLock:
-    """Serializes generations on one model; a thread that still holds it (a suspended stream it
-    has not closed) gets an error instead of waiting for itself forever."""
+    """Serializes generations on one model, across threads.
+
+    Another thread waits its turn. The thread that holds the lock can only be asking again if
+    its own generation is suspended (a stream it stopped reading but still references); that
+    stream is closed, as if abandoned, so the thread does not wait for itself forever.
+    """
 
     def __init__(self):
         self._lock = threading.Lock()
         self._owner: int | None = None
+        self._holder: weakref.ref | None = None
 
-    def __enter__(self):
+    def acquire(self, holder: weakref.ref | None = None) -> None:
+        """Take the lock; `holder` (a weak reference to the generator that will hold it) lets
+        the same thread close it later."""
         if self._owner == threading.get_ident():
-            raise InvalidParameterError(
-                "this thread already has a generation open on this model; finish or close() it first"
-            )
+            suspended = self._holder() if self._holder is not None else None
+            if suspended is None:
+                raise InvalidParameterError("this thread already holds the model; finish what it is doing first")
+            suspended.close()
         self._lock.acquire()
         self._owner = threading.get_ident()
-        return self
+        self._holder = holder
 
-    def __exit__(self, *exc_info):
+    def release(self) -> None:
         self._owner = None
+        self._holder = None
         # A plain Lock may be released from another thread: an abandoned stream is finalized
         # wherever the garbage collector runs.
         self._lock.release()
+
+    def __enter__(self):
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc_info):
+        self.release()
         return False
 
 
@@ -155,7 +174,8 @@ class Generation:
     """One generation: an iterator of `Chunk`s; `completion` once it has ended.
 
     Nothing runs until the first chunk is requested. Then `lock` (if given) is taken and held
-    until the generation ends or is closed (`close()`, or dropping the last reference), and
+    until the generation ends or is closed (`close()`, dropping the last reference, or the same
+    thread starting another generation under the lock), and
     `new_cache()` provides an empty KV cache of `n_ctx` entries that the prompt is prefilled into.
     """
 
@@ -177,7 +197,14 @@ class Generation:
         sampler = Sampler(request.sampling, model.n_vocab)
         self._outcome = _Outcome(GenerationStats(load_seconds=load_seconds, prompt_tokens=len(self.prompt_ids)))
         chunks = _chunks(model, tokenizer, sampler, self.prompt_ids, request, new_cache, self._outcome)
-        self._chunks = chunks if lock is None else _holding(lock, chunks)
+        if lock is None:
+            self._chunks = chunks
+        else:
+            # The generator gets a weak reference to itself, for the lock; a strong one would
+            # be a cycle that keeps it (and the lock) alive after the caller drops it.
+            itself = []
+            self._chunks = _holding(lock, chunks, itself)
+            itself.append(weakref.ref(self._chunks))
 
     @property
     def stats(self) -> GenerationStats:
@@ -204,12 +231,13 @@ class Generation:
         return self.completion
 
 
-def _holding(lock: GenerationLock, chunks: Iterator[Chunk]) -> Iterator[Chunk]:
-    with lock:
-        try:
-            yield from chunks
-        finally:
-            chunks.close()
+def _holding(lock: GenerationLock, chunks: Iterator[Chunk], itself: list[weakref.ref]) -> Iterator[Chunk]:
+    lock.acquire(itself[0])
+    try:
+        yield from chunks
+    finally:
+        chunks.close()
+        lock.release()
 
 
 def _chunks(model, tokenizer, sampler: Sampler, prompt_ids: list[int], request: GenerationRequest,

@@ -20,6 +20,9 @@ from localllm.runtime.cache import KVCache
 # Prompts are processed in blocks of this many tokens: big enough that matmul amortises
 # reading each weight, small enough that the activations of a block stay modest.
 PREFILL_BLOCK = 256
+# How far back sliding-window layers can always be truncated (speculative decoding rolls back
+# at most the rejected draft tokens, far fewer than this).
+DEFAULT_MAX_ROLLBACK = 256
 
 
 @dataclass(frozen=True)
@@ -171,7 +174,8 @@ class Model(ABC):
         """Sliding-window size per layer; 0 means the layer attends to the whole context."""
         return [0] * self.hparams.n_layer
 
-    def new_cache(self, n_ctx: int) -> KVCache:
+    def new_cache(self, n_ctx: int, max_rollback: int = DEFAULT_MAX_ROLLBACK) -> KVCache:
+        """An empty cache for up to n_ctx tokens, able to `truncate` back by max_rollback."""
         hp = self.hparams
         return KVCache(
             n_layer=hp.n_layer,
@@ -181,6 +185,7 @@ class Model(ABC):
             n_ctx=n_ctx,
             windows=self.layer_windows(),
             max_append=PREFILL_BLOCK,
+            max_rollback=max_rollback,
         )
 
     def forward(self, tokens, cache: KVCache, all_logits: bool = False) -> np.ndarray:
