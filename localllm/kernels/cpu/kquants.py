@@ -9,13 +9,16 @@ ggml-common.h and dequantize_row_* in ggml-quants.c).
   it never materializes weights: the integer codes are converted to float32 and multiplied
   with the float32 activations directly, and the per-sub-block scale, min and offset are
   applied once per sub-block (mins and constant offsets through precomputed activation sums).
+  Upper bit fields are masked in place (`v & 0xF0`) rather than shifted down, and the power of
+  two folded into the scale: Numba widens integers to 64 bits, and LLVM narrows masks back to
+  32-bit vector lanes but not right shifts (measured 1.8x on Q4_K).
 * `matmul` (prefill, speculative verification) decodes a tile of `ROW_TILE` weight rows one
   block at a time into a small float32 buffer that stays in L1, then reuses each decoded block
-  for every activation row. Measured against two alternatives on this machine (AVX2/FMA, no
-  AVX-512): dequantizing weight tiles for NumPy's BLAS was 2x slower at n=128, and
-  llama.cpp-style int8 activations gain nothing in Numba, whose integer arithmetic widens to
-  64 bits, whereas float32 products of small integers are exact and vectorize 8 lanes wide.
-  Activations therefore stay float32, which also keeps the error at float32 rounding level.
+  for every activation row. On this machine (AVX2/FMA, no AVX-512) dequantizing weight tiles
+  for NumPy's BLAS measured about 2x slower at n=128. llama.cpp-style int8 activations were not
+  adopted: Numba widens integer arithmetic to 64-bit lanes, whereas float32 products of small
+  integers are exact and vectorize 8 lanes wide. Activations therefore stay float32, which also
+  keeps the error at float32 rounding level.
 """
 
 import numpy as np
@@ -248,22 +251,53 @@ def _matmul_tile(raw, X, out, tile, kind):
         for rr in range(tile_rows):
             _decode(kind, raw[r0 + rr], k * block_bytes, w[rr])
         xo = k * QK_K
-        for i in range(n):
-            xi = X[i, xo:xo + QK_K]
+        # Two activation rows at a time: six loads feed eight FMAs.
+        for i in range(0, n - 1, 2):
+            xa = X[i, xo:xo + QK_K]
+            xb = X[i + 1, xo:xo + QK_K]
+            a0 = np.float32(0.0)
+            a1 = np.float32(0.0)
+            a2 = np.float32(0.0)
+            a3 = np.float32(0.0)
+            b0 = np.float32(0.0)
+            b1 = np.float32(0.0)
+            b2 = np.float32(0.0)
+            b3 = np.float32(0.0)
+            for l in range(QK_K):
+                u = xa[l]
+                v = xb[l]
+                a0 += w0[l] * u
+                a1 += w1[l] * u
+                a2 += w2[l] * u
+                a3 += w3[l] * u
+                b0 += w0[l] * v
+                b1 += w1[l] * v
+                b2 += w2[l] * v
+                b3 += w3[l] * v
+            acc[i, 0] += a0
+            acc[i, 1] += a1
+            acc[i, 2] += a2
+            acc[i, 3] += a3
+            acc[i + 1, 0] += b0
+            acc[i + 1, 1] += b1
+            acc[i + 1, 2] += b2
+            acc[i + 1, 3] += b3
+        if n % 2:
+            xa = X[n - 1, xo:xo + QK_K]
             a0 = np.float32(0.0)
             a1 = np.float32(0.0)
             a2 = np.float32(0.0)
             a3 = np.float32(0.0)
             for l in range(QK_K):
-                xv = xi[l]
-                a0 += w0[l] * xv
-                a1 += w1[l] * xv
-                a2 += w2[l] * xv
-                a3 += w3[l] * xv
-            acc[i, 0] += a0
-            acc[i, 1] += a1
-            acc[i, 2] += a2
-            acc[i, 3] += a3
+                u = xa[l]
+                a0 += w0[l] * u
+                a1 += w1[l] * u
+                a2 += w2[l] * u
+                a3 += w3[l] * u
+            acc[n - 1, 0] += a0
+            acc[n - 1, 1] += a1
+            acc[n - 1, 2] += a2
+            acc[n - 1, 3] += a3
     for i in range(n):
         for rr in range(tile_rows):
             out[i, r0 + rr] = acc[i, rr]
@@ -306,8 +340,8 @@ def matvec_q4_k(raw, x, out):
                 for l in range(32):
                     v = row[qo + l]
                     low += np.float32(v & 0xF) * x[xo + l]
-                    high += np.float32(v >> 4) * x[xo + 32 + l]
-                scaled += np.float32(sc1) * low + np.float32(sc2) * high
+                    high += np.float32(v & 0xF0) * x[xo + 32 + l]
+                scaled += np.float32(sc1) * low + np.float32(sc2) * np.float32(1 / 16) * high
                 shifted += (np.float32(m1) * sums32[8 * k + 2 * j]
                             + np.float32(m2) * sums32[8 * k + 2 * j + 1])
             acc += load_half(row, o) * scaled - load_half(row, o + 2) * shifted
@@ -340,8 +374,10 @@ def matvec_q6_k(raw, x, out):
                         hb = row[qh + l]
                         s1 += np.float32((a & 0xF) | ((hb & 3) << 4)) * x[xo + l]
                         s2 += np.float32((b & 0xF) | ((hb & 12) << 2)) * x[xo + 32 + l]
-                        s3 += np.float32((a >> 4) | (hb & 48)) * x[xo + 64 + l]
-                        s4 += np.float32((b >> 4) | ((hb >> 2) & 48)) * x[xo + 96 + l]
+                        s3 += np.float32((a & 0xF0) | ((hb & 48) << 4)) * x[xo + 64 + l]
+                        s4 += np.float32((b & 0xF0) | ((hb & 192) << 2)) * x[xo + 96 + l]
+                    s3 *= np.float32(1 / 16)
+                    s4 *= np.float32(1 / 16)
                     sg = 16 * k + 8 * h + g
                     s = o + 192 + 8 * h + g
                     # q - 32 summed against x is (sum of q*x) - 32 * (sum of x).
@@ -363,15 +399,19 @@ def matvec_tq2_0(raw, x, out):
         acc = np.float32(0.0)
         for k in range(n_blocks):
             o = k * 66
-            s = np.float32(0.0)
+            s0 = np.float32(0.0)
+            s1 = np.float32(0.0)
+            s2 = np.float32(0.0)
+            s3 = np.float32(0.0)
             for h in range(2):
                 xo = k * QK_K + 128 * h
                 for l in range(32):
                     v = row[o + 32 * h + l]
-                    s += (np.float32(v & 3) * x[xo + l]
-                          + np.float32((v >> 2) & 3) * x[xo + 32 + l]
-                          + np.float32((v >> 4) & 3) * x[xo + 64 + l]
-                          + np.float32(v >> 6) * x[xo + 96 + l])
+                    s0 += np.float32(v & 3) * x[xo + l]
+                    s1 += np.float32(v & 12) * x[xo + 32 + l]
+                    s2 += np.float32(v & 48) * x[xo + 64 + l]
+                    s3 += np.float32(v & 192) * x[xo + 96 + l]
+            s = s0 + np.float32(1 / 4) * s1 + np.float32(1 / 16) * s2 + np.float32(1 / 64) * s3
             # (q - 1) summed against x is (sum of q*x) - (sum of x).
             acc += load_half(row, o + 64) * (s - sums[k])
         out[r] = acc
