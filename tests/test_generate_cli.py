@@ -49,9 +49,9 @@ def greedy_json(model_path):
 
 
 def test_streamed_greedy_text_equals_the_python_api(smollm):
-    result = run_generate("-m", SMOLLM, "-n", "32", "--temp", "0", PROMPT)
+    result = run_generate("-m", SMOLLM, "-n", "16", "--temp", "0", PROMPT)
     assert result.returncode == 0, result.stderr
-    expected = smollm.generate(PROMPT, temperature=0, max_tokens=32)
+    expected = smollm.generate(PROMPT, temperature=0, max_tokens=16)
     assert expected.text
     assert result.stdout == expected.text
 

@@ -9,14 +9,13 @@ Block layouts (ggml's block_q4_0 ... block_q8_0, little-endian, no padding):
 Nibble byte j holds value j in its low half and value j + 16 in its high half; bit j of the
 high-bit word is the fifth bit of value j.
 
-matvec fuses decoding into the dot product (weights are read once, never materialized), with
-float32 activations: the benchmark found them as fast as 8-bit activations here, and they are
-exact to float32 rounding. The offsets of Q4_1/Q5_1 are applied once per block through the
-block sums of x. matmul decodes each weight row once into a float32 buffer and reuses it for
-every activation row. dequantize_rows multiplies in the same order as ggml, so it is bit-exact.
-
-`quantize_q8_0` is the Q8_0-style activation quantization (per 32 values a float32 scale and
-32 int8), for kernels that multiply in integers.
+matvec fuses decoding into the dot product (weights are read once, never materialized) with
+float32 activations, which keeps results exact to float32 rounding; the offsets of Q4_1/Q5_1
+are applied once per block through the block sums of x. Every block is addressed through
+slices (qs, xb) indexed by the loop counter: with a computed index Numba adds a negative-index
+fix-up per element and LLVM then loads element by element instead of 8 lanes at once.
+matmul decodes each weight row once into a float32 buffer and reuses it for every activation
+row. dequantize_rows multiplies in the same order as ggml (no fast-math), so it is bit-exact.
 """
 
 import numpy as np
@@ -27,13 +26,6 @@ from localllm.kernels.cpu.floats import load_half
 
 _OPTIONS = dict(cache=True, nogil=True)
 BLOCK = 32
-BLOCK_BYTES = {
-    GGMLQuantizationType.Q4_0: 18,
-    GGMLQuantizationType.Q4_1: 20,
-    GGMLQuantizationType.Q5_0: 22,
-    GGMLQuantizationType.Q5_1: 24,
-    GGMLQuantizationType.Q8_0: 34,
-}
 # Rows handled per parallel task in matmul, so each task allocates its decode buffer once.
 _ROW_CHUNK = 16
 
