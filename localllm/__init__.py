@@ -15,11 +15,21 @@ from localllm.errors import (
 
 __version__ = "0.1.0"
 
+
+def __getattr__(name: str):
+    # Deferred so that `import localllm` (and the CLI's error paths) need not load Numba.
+    if name == "LLM":
+        from localllm.runtime.llm import LLM
+
+        return LLM
+    raise AttributeError(f"module 'localllm' has no attribute {name!r}")
+
 __all__ = [
     "ContextOverflowError",
     "GGUFError",
     "InvalidParameterError",
     "KernelError",
+    "LLM",
     "LocalLLMError",
     "ModelError",
     "ModelNotFoundError",

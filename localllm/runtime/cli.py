@@ -11,6 +11,7 @@ import json
 import os
 import sys
 import traceback
+from pathlib import Path
 from collections.abc import Callable
 
 from localllm.errors import InvalidParameterError, LocalLLMError
@@ -204,6 +205,31 @@ def _args_generate(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-v", "--verbose", action="store_true", help="timings and peak memory on stderr")
 
 
+def _cmd_perplexity(args: argparse.Namespace) -> int:
+    from localllm.runtime.catalog import default_model
+    from localllm.runtime.llm import LLM
+    from localllm.runtime.perplexity import perplexity
+
+    try:
+        text = Path(args.file).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        raise InvalidParameterError(f"cannot read {args.file}: {error}") from None
+    with LLM(args.model or default_model(), n_ctx=args.ctx, threads=args.threads) as llm:
+        result = perplexity(llm, text, n_ctx=args.ctx)
+    print(
+        f"PPL = {result.ppl:.4f} +/- {result.stderr:.5f}  "
+        f"({result.n_tokens} tokens scored, {result.tokens_per_second:.1f} tokens/s)"
+    )
+    return 0
+
+
+def _args_perplexity(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("file", metavar="FILE", help="UTF-8 text file to score")
+    parser.add_argument("-m", "--model", help="catalog name or path to a .gguf file (default: the catalog default)")
+    parser.add_argument("--ctx", type=int, default=512, help="tokens per chunk (default 512)")
+    parser.add_argument("--threads", type=int, help="compute threads (default: all cores)")
+
+
 def _args_pull(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("names", nargs="+", metavar="NAME", help="catalog model name")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress display")
@@ -231,6 +257,7 @@ _SUBCOMMANDS: list[
     ("rm", "delete a model from the store", _args_rm, _cmd_rm),
     ("info", "describe a model: hyperparameters, tokenizer, tensor types", _args_info, _cmd_info),
     ("generate", "generate text from a prompt, streamed to stdout", _args_generate, _cmd_generate),
+    ("perplexity", "perplexity of a text file, as llama.cpp's perplexity tool computes it", _args_perplexity, _cmd_perplexity),
 ]
 
 

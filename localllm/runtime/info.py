@@ -8,6 +8,7 @@ from typing import Any
 
 import numpy as np
 
+from localllm.errors import LocalLLMError
 from localllm.formats.gguf import open_gguf
 
 
@@ -20,6 +21,16 @@ def _plain(value: Any) -> Any:
     if isinstance(value, np.generic):
         return value.item()
     return value
+
+
+def _kv_bytes_per_token(metadata: dict) -> int | None:
+    """KV-cache memory one token of context costs, or None for an architecture we cannot run."""
+    from localllm.runtime.models import kv_bytes_per_token
+
+    try:
+        return kv_bytes_per_token(metadata)
+    except LocalLLMError:
+        return None
 
 
 def model_info(path: Path) -> dict[str, Any]:
@@ -52,6 +63,7 @@ def model_info(path: Path) -> dict[str, Any]:
 
         return {
             "path": str(path),
+            "kv_cache_bytes_per_token": _kv_bytes_per_token(meta),
             "name": meta.get("general.name"),
             "architecture": arch,
             "parameters": parameters,
@@ -105,6 +117,8 @@ def render_info(info: dict[str, Any], console) -> None:
         ("vocabulary size", shown(info["vocab_size"])),
         ("tokenizer", f"{shown(info['tokenizer_model'])} (pre: {shown(info['tokenizer_pre'])})"),
         ("chat template", "yes" if info["chat_template"] else "no"),
+        ("KV cache per token", "-" if info["kv_cache_bytes_per_token"] is None
+            else f"{info['kv_cache_bytes_per_token']:,} bytes (float32)"),
         ("file size", f"{decimal(info['file_bytes'])} ({info['file_bytes']:,} bytes)"),
     ]
     for label, value in rows:

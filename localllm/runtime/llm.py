@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Sequence
+from functools import cached_property
+from numbers import Integral
 
 import numpy as np
 
 from localllm.errors import InvalidParameterError
+from localllm.formats.chat import ChatTemplate
 from localllm.formats.gguf import open_gguf
 from localllm.formats.tokenizer import Tokenizer
 from localllm.kernels import cpu as kernels
 from localllm.runtime.catalog import ensure_model
+from localllm.runtime.engine import Completion, Generation, GenerationLock, GenerationRequest
 from localllm.runtime.models import load_model
 
 # The context allocated when the caller does not ask for one: enough for chat, and the
@@ -27,6 +32,9 @@ class LLM:
     """
 
     def __init__(self, model: str | os.PathLike, n_ctx: int | None = None, threads: int | None = None):
+        started = time.perf_counter()
+        # Held for a whole generation (or logits call): they share the one KV cache.
+        self._lock = GenerationLock()
         self.path = ensure_model(model)
         if threads is not None:
             kernels.set_threads(threads)
@@ -43,6 +51,7 @@ class LLM:
         except BaseException:
             self.gguf.close()
             raise
+        self.load_seconds = time.perf_counter() - started
 
     @property
     def n_vocab(self) -> int:
@@ -62,11 +71,78 @@ class LLM:
 
     def logits(self, ids: Sequence[int]) -> np.ndarray:
         """float32 logits (len(ids), n_vocab) of every position of `ids` on a fresh context."""
+        with self._lock:
+            self.reset()
+            return self.model.forward(ids, self.cache, all_logits=True)
+
+    @cached_property
+    def chat_template(self) -> ChatTemplate:
+        """The file's chat template, or the built-in fallback for its architecture."""
+        return ChatTemplate.from_gguf(self.gguf, self.tokenizer)
+
+    def stream(self, prompt: str | Sequence[int], **options) -> Generation:
+        """Generate from `prompt` (text, BOS added when the model uses one; or token ids as
+        they are), yielding `Chunk`s; the returned Generation's `completion` is set at the end.
+
+        Options: the `SamplingParams` fields (temperature, top_k, top_p, min_p, repeat_penalty,
+        presence_penalty, frequency_penalty, penalty_last_n, seed, logit_bias), max_tokens
+        (default 256, None: until the context is full), stop (strings) and cancel (a
+        threading.Event). The model serves one generation at a time: others wait until this one
+        ends or is closed (breaking out of the loop and dropping it is enough).
+        """
+        return self._generation(self._prompt_ids(prompt), options)
+
+    def generate(self, prompt: str | Sequence[int], **options) -> Completion:
+        """Like `stream`, but returns the whole `Completion`."""
+        return self.stream(prompt, **options).run()
+
+    def chat(self, messages: Sequence[dict], stream: bool = False, **options) -> Completion | Generation:
+        """Answer `messages` ([{"role": ..., "content": ...}, ...]) as the assistant, through
+        the model's chat template; options as for `stream`."""
+        generation = self._generation(self.chat_prompt(messages), options)
+        return generation if stream else generation.run()
+
+    def chat_prompt(self, messages: Sequence[dict]) -> list[int]:
+        """Token ids `chat` generates from: the rendered template, its special tokens parsed."""
+        text = self.chat_template.render(messages, add_generation_prompt=True)
+        ids = self.tokenizer.encode(text, add_special=True, parse_special=True)
+        bos = self.tokenizer.bos_id
+        # Templates that write BOS themselves would otherwise get a second one from encode.
+        if len(ids) >= 2 and bos is not None and ids[0] == ids[1] == bos:
+            ids = ids[1:]
+        return ids
+
+    def _prompt_ids(self, prompt) -> list[int]:
+        if isinstance(prompt, str):
+            return self.tokenize(prompt)
+        if isinstance(prompt, Sequence) and all(
+            isinstance(i, Integral) and not isinstance(i, bool) and 0 <= i < self.n_vocab for i in prompt
+        ):
+            return [int(i) for i in prompt]
+        raise InvalidParameterError(
+            f"prompt must be a str or a sequence of token ids below {self.n_vocab}, got {type(prompt).__name__}"
+        )
+
+    def _generation(self, ids: list[int], options: dict) -> Generation:
+        return Generation(
+            self.model,
+            self.tokenizer,
+            ids,
+            GenerationRequest.from_kwargs(options),
+            n_ctx=self.n_ctx,
+            new_cache=self._fresh_cache,
+            lock=self._lock,
+            load_seconds=self.load_seconds,
+        )
+
+    def _fresh_cache(self):
         self.reset()
-        return self.model.forward(ids, self.cache, all_logits=True)
+        return self.cache
 
     def close(self) -> None:
-        self.gguf.close()
+        """Release the file; waits for a generation running in another thread to end."""
+        with self._lock:
+            self.gguf.close()
 
     def __enter__(self) -> LLM:
         return self
