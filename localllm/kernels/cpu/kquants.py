@@ -9,23 +9,33 @@ ggml-common.h and dequantize_row_* in ggml-quants.c).
   it never materializes weights: the integer codes are converted to float32 and multiplied
   with the float32 activations directly, and the per-sub-block scale, min and offset are
   applied once per sub-block (mins and constant offsets through precomputed activation sums).
-  Upper bit fields are masked in place (`v & 0xF0`) rather than shifted down, and the power of
-  two folded into the scale: Numba widens integers to 64 bits, and LLVM narrows masks back to
-  32-bit vector lanes but not right shifts (measured 1.8x on Q4_K).
+  Numba widens integer arithmetic to 64 bits; LLVM narrows masks back to 32-bit vector lanes
+  but not shifts (or masks merged with shifts), which fall back to 4-lane int64 code. So upper
+  bit fields are masked in place (`v & 0xF0`), never shifted, and their power of two is folded
+  into a float scale. Q6_K's two high bits therefore go through their own float product instead
+  of being or-ed into the code (measured 1.5x). Q4_K's and Q6_K's scales are decoded branch-free
+  once per block into a stack buffer (`_stack_pointer`: a Numba-allocated array would make LLVM
+  guard every vectorized loop with aliasing checks). Q6_K and TQ2_0 accumulate 16/32-lane partial
+  sums over the whole row (scale folded into each product) instead of reducing a vector to a
+  scalar per sub-block, which cost more than the products on these short sub-blocks.
+  Activations stay float32: llama.cpp's int8 activations (Q8_K) would be faster, but Numba
+  cannot express 8/16-bit SIMD products (its integers are 64-bit lanes), and they cost about
+  1e-3 relative error where these kernels keep float32 rounding.
 * `matmul` (prefill, speculative verification) decodes a tile of `ROW_TILE` weight rows one
   block at a time into a small float32 buffer that stays in L1, then reuses each decoded block
-  for every activation row. On this machine (AVX2/FMA, no AVX-512) dequantizing weight tiles
-  for NumPy's BLAS measured about 2x slower at n=128. llama.cpp-style int8 activations were not
-  adopted: Numba widens integer arithmetic to 64-bit lanes, whereas float32 products of small
-  integers are exact and vectorize 8 lanes wide. Activations therefore stay float32, which also
-  keeps the error at float32 rounding level.
+  for every activation row. Dequantizing row tiles for NumPy's BLAS measured 1.4x faster on one
+  thread at n=128, but 2.4x slower on two: OpenBLAS's threads and Numba's OpenMP threads spin
+  against each other on a two-core machine, and with OpenBLAS held to one thread it only ties.
 """
 
+import numba
 import numpy as np
 from gguf import GGMLQuantizationType
-from numba import njit, prange
+from numba import njit, prange, types
+from numba.core import cgutils
+from numba.extending import intrinsic
 
-from localllm.kernels.cpu.floats import load_half
+from localllm.kernels.cpu.floats import half_to_float, load_half
 
 QK_K = 256
 ROW_TILE = 4
@@ -36,6 +46,25 @@ ROW_CHUNK = 16
 _FAST = {"reassoc", "contract", "nsz"}
 
 Q = GGMLQuantizationType
+
+
+@intrinsic
+def _stack_pointer(typingctx, size):
+    """Pointer to `size` (a compile-time constant) float32 values in the caller's stack frame."""
+    if not isinstance(size, types.IntegerLiteral):
+        return None
+    count = size.literal_value
+
+    def codegen(context, builder, signature, args):
+        # alloca_once puts the buffer in the entry block, so a call inside a loop reuses it.
+        return cgutils.alloca_once(builder, context.get_value_type(types.float32), size=count)
+
+    return types.CPointer(types.float32)(size), codegen
+
+
+@njit(nogil=True, inline="always")
+def _half(row, offset):
+    return half_to_float(np.uint16(row[offset]) | (np.uint16(row[offset + 1]) << np.uint16(8)))
 
 
 # Block decoders: exact dequantization of one block at row[o:] into w[0:256].
@@ -318,34 +347,49 @@ def _sums(x, group):
 # Dedicated matvec kernels for the formats that dominate real models.
 
 
+@njit(nogil=True, inline="always")
+def _q4_k_scales_mins(row, o, scales, mins):
+    """The 6-bit scales and mins of the 8 sub-blocks of the Q4_K/Q5_K block at row[o:]."""
+    for j in range(4):
+        low_scale = np.int32(row[o + 4 + j])
+        low_min = np.int32(row[o + 8 + j])
+        high = np.int32(row[o + 12 + j])
+        scales[j] = np.float32(low_scale & 63)
+        mins[j] = np.float32(low_min & 63)
+        scales[j + 4] = np.float32((high & 0xF) | ((low_scale & 0xC0) >> 2))
+        mins[j + 4] = np.float32((high >> 4) | ((low_min & 0xC0) >> 2))
+
+
 @njit(cache=True, nogil=True, parallel=True, fastmath=_FAST)
 def matvec_q4_k(raw, x, out):
     rows = raw.shape[0]
     n_blocks = raw.shape[1] // 144
     sums32 = _sums(x, 32)
-    for r in prange(rows):
-        row = raw[r]
-        acc = np.float32(0.0)
-        for k in range(n_blocks):
-            o = k * 144
-            scaled = np.float32(0.0)
-            shifted = np.float32(0.0)
-            for j in range(4):
-                sc1, m1 = _k_scale_min(row, o + 4, 2 * j)
-                sc2, m2 = _k_scale_min(row, o + 4, 2 * j + 1)
-                low = np.float32(0.0)
-                high = np.float32(0.0)
-                qo = o + 16 + 32 * j
-                xo = k * QK_K + 64 * j
-                for l in range(32):
-                    v = row[qo + l]
-                    low += np.float32(v & 0xF) * x[xo + l]
-                    high += np.float32(v & 0xF0) * x[xo + 32 + l]
-                scaled += np.float32(sc1) * low + np.float32(sc2) * np.float32(1 / 16) * high
-                shifted += (np.float32(m1) * sums32[8 * k + 2 * j]
-                            + np.float32(m2) * sums32[8 * k + 2 * j + 1])
-            acc += load_half(row, o) * scaled - load_half(row, o + 2) * shifted
-        out[r] = acc
+    for chunk in prange((rows + ROW_CHUNK - 1) // ROW_CHUNK):
+        scales = numba.carray(_stack_pointer(8), 8)
+        mins = numba.carray(_stack_pointer(8), 8)
+        for r in range(chunk * ROW_CHUNK, min(rows, (chunk + 1) * ROW_CHUNK)):
+            row = raw[r]
+            acc = np.float32(0.0)
+            for k in range(n_blocks):
+                o = k * 144
+                _q4_k_scales_mins(row, o, scales, mins)
+                shifted = np.float32(0.0)
+                for j in range(8):
+                    shifted += mins[j] * sums32[8 * k + j]
+                scaled = np.float32(0.0)
+                for j in range(4):
+                    low = np.float32(0.0)
+                    high = np.float32(0.0)
+                    qo = o + 16 + 32 * j
+                    xo = k * QK_K + 64 * j
+                    for l in range(32):
+                        v = row[qo + l]
+                        low += np.float32(v & 0xF) * x[xo + l]
+                        high += np.float32(v & 0xF0) * x[xo + 32 + l]
+                    scaled += scales[2 * j] * low + scales[2 * j + 1] * np.float32(1 / 16) * high
+                acc += _half(row, o) * scaled - _half(row, o + 2) * shifted
+            out[r] = acc
 
 
 @njit(cache=True, nogil=True, parallel=True, fastmath=_FAST)
@@ -353,40 +397,57 @@ def matvec_q6_k(raw, x, out):
     rows = raw.shape[0]
     n_blocks = raw.shape[1] // 210
     sums16 = _sums(x, 16)
-    for r in prange(rows):
-        row = raw[r]
-        acc = np.float32(0.0)
-        for k in range(n_blocks):
-            o = k * 210
-            block = np.float32(0.0)
-            for h in range(2):
-                ql = o + 64 * h
-                qh = o + 128 + 32 * h
-                xo = k * QK_K + 128 * h
-                for g in range(2):
-                    s1 = np.float32(0.0)
-                    s2 = np.float32(0.0)
-                    s3 = np.float32(0.0)
-                    s4 = np.float32(0.0)
-                    for l in range(16 * g, 16 * g + 16):
-                        a = row[ql + l]
-                        b = row[ql + 32 + l]
-                        hb = row[qh + l]
-                        s1 += np.float32((a & 0xF) | ((hb & 3) << 4)) * x[xo + l]
-                        s2 += np.float32((b & 0xF) | ((hb & 12) << 2)) * x[xo + 32 + l]
-                        s3 += np.float32((a & 0xF0) | ((hb & 48) << 4)) * x[xo + 64 + l]
-                        s4 += np.float32((b & 0xF0) | ((hb & 192) << 2)) * x[xo + 96 + l]
-                    s3 *= np.float32(1 / 16)
-                    s4 *= np.float32(1 / 16)
-                    sg = 16 * k + 8 * h + g
-                    s = o + 192 + 8 * h + g
-                    # q - 32 summed against x is (sum of q*x) - 32 * (sum of x).
-                    block += (np.float32(np.int8(row[s])) * (s1 - 32 * sums16[sg])
-                              + np.float32(np.int8(row[s + 2])) * (s2 - 32 * sums16[sg + 2])
-                              + np.float32(np.int8(row[s + 4])) * (s3 - 32 * sums16[sg + 4])
-                              + np.float32(np.int8(row[s + 6])) * (s4 - 32 * sums16[sg + 6]))
-            acc += load_half(row, o + 208) * block
-        out[r] = acc
+    for chunk in prange((rows + ROW_CHUNK - 1) // ROW_CHUNK):
+        # scales[i] = d * scale i; scales[16 + i] = 16 * that, the weight of the two high bits.
+        scales = numba.carray(_stack_pointer(32), 32)
+        lanes = numba.carray(_stack_pointer(16), 16)
+        for r in range(chunk * ROW_CHUNK, min(rows, (chunk + 1) * ROW_CHUNK)):
+            row = raw[r]
+            for l in range(16):
+                lanes[l] = 0.0
+            shifted = np.float32(0.0)
+            for k in range(n_blocks):
+                o = k * 210
+                d = _half(row, o + 208)
+                for i in range(16):
+                    scales[i] = d * np.float32(np.int8(row[o + 192 + i]))
+                    scales[16 + i] = scales[i] * np.float32(16)
+                for i in range(16):
+                    shifted += scales[i] * sums16[16 * k + i]
+                for h in range(2):
+                    ql = o + 64 * h
+                    qh = o + 128 + 32 * h
+                    xo = k * QK_K + 128 * h
+                    for g in range(2):
+                        i = 8 * h + g
+                        # Each 6-bit code q = low nibble + 16 * (2 high bits); the fields are
+                        # masked in place, their powers of two folded into these scales.
+                        f1 = scales[i]
+                        f2 = scales[i + 2]
+                        f3 = scales[i + 4] * np.float32(1 / 16)
+                        f4 = scales[i + 6] * np.float32(1 / 16)
+                        e1 = scales[16 + i]
+                        e2 = scales[18 + i] * np.float32(1 / 4)
+                        e3 = scales[20 + i] * np.float32(1 / 16)
+                        e4 = scales[22 + i] * np.float32(1 / 64)
+                        b0 = 16 * g
+                        for l in range(16):
+                            a = row[ql + b0 + l]
+                            b = row[ql + 32 + b0 + l]
+                            hb = row[qh + b0 + l]
+                            x1 = x[xo + b0 + l]
+                            x2 = x[xo + 32 + b0 + l]
+                            x3 = x[xo + 64 + b0 + l]
+                            x4 = x[xo + 96 + b0 + l]
+                            lanes[l] += ((np.float32(a & 0xF) * f1) * x1 + (np.float32(hb & 3) * e1) * x1
+                                         + (np.float32(b & 0xF) * f2) * x2 + (np.float32(hb & 12) * e2) * x2
+                                         + (np.float32(a & 0xF0) * f3) * x3 + (np.float32(hb & 48) * e3) * x3
+                                         + (np.float32(b & 0xF0) * f4) * x4 + (np.float32(hb & 192) * e4) * x4)
+            total = np.float32(0.0)
+            for l in range(16):
+                total += lanes[l]
+            # The codes are stored offset by 32: subtract 32 * scale * (sum of x) per sub-block.
+            out[r] = total - 32 * shifted
 
 
 @njit(cache=True, nogil=True, parallel=True, fastmath=_FAST)
@@ -394,27 +455,33 @@ def matvec_tq2_0(raw, x, out):
     rows = raw.shape[0]
     n_blocks = raw.shape[1] // 66
     sums = _sums(x, QK_K)
-    for r in prange(rows):
-        row = raw[r]
-        acc = np.float32(0.0)
-        for k in range(n_blocks):
-            o = k * 66
-            s0 = np.float32(0.0)
-            s1 = np.float32(0.0)
-            s2 = np.float32(0.0)
-            s3 = np.float32(0.0)
-            for h in range(2):
-                xo = k * QK_K + 128 * h
-                for l in range(32):
-                    v = row[o + 32 * h + l]
-                    s0 += np.float32(v & 3) * x[xo + l]
-                    s1 += np.float32(v & 12) * x[xo + 32 + l]
-                    s2 += np.float32(v & 48) * x[xo + 64 + l]
-                    s3 += np.float32(v & 192) * x[xo + 96 + l]
-            s = s0 + np.float32(1 / 4) * s1 + np.float32(1 / 16) * s2 + np.float32(1 / 64) * s3
-            # (q - 1) summed against x is (sum of q*x) - (sum of x).
-            acc += load_half(row, o + 64) * (s - sums[k])
-        out[r] = acc
+    for chunk in prange((rows + ROW_CHUNK - 1) // ROW_CHUNK):
+        lanes = numba.carray(_stack_pointer(32), 32)
+        for r in range(chunk * ROW_CHUNK, min(rows, (chunk + 1) * ROW_CHUNK)):
+            row = raw[r]
+            for l in range(32):
+                lanes[l] = 0.0
+            shifted = np.float32(0.0)
+            for k in range(n_blocks):
+                o = k * 66
+                d = _half(row, o + 64)
+                # (q - 1) summed against x is (sum of q*x) - (sum of x).
+                shifted += d * sums[k]
+                d1 = d * np.float32(1 / 4)
+                d2 = d * np.float32(1 / 16)
+                d3 = d * np.float32(1 / 64)
+                for h in range(2):
+                    xo = k * QK_K + 128 * h
+                    for l in range(32):
+                        v = row[o + 32 * h + l]
+                        lanes[l] += ((np.float32(v & 3) * d) * x[xo + l]
+                                     + (np.float32(v & 12) * d1) * x[xo + 32 + l]
+                                     + (np.float32(v & 48) * d2) * x[xo + 64 + l]
+                                     + (np.float32(v & 192) * d3) * x[xo + 96 + l])
+            total = np.float32(0.0)
+            for l in range(32):
+                total += lanes[l]
+            out[r] = total - shifted
 
 
 # Per-format entry points with the kernel convention's signatures.
