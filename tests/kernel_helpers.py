@@ -89,3 +89,42 @@ def relative_error(y: np.ndarray, y_ref: np.ndarray) -> float:
 def reference_product(weights: np.ndarray, X: np.ndarray) -> np.ndarray:
     """X @ weights.T in float64: (n, cols) x (rows, cols) -> (n, rows)."""
     return np.asarray(X, dtype=np.float64) @ np.asarray(weights, dtype=np.float64).T
+
+
+def llama_activations(X: np.ndarray, qtype: GGMLQuantizationType) -> np.ndarray:
+    """X rounded to 8 bits the way llama.cpp rounds activations for `qtype` weights, written
+    independently of the kernels: ggml's x86/NEON quantize_row_q8_0 (ties to even, unlike the
+    scalar reference that gguf.quants follows) for the 32-value formats, quantize_row_q8_K
+    (iscale = -127 / signed max, clamp at 127) for the 256-value ones."""
+    X = np.asarray(X, dtype=np.float32)
+    if qtype in FLOAT_TYPES:
+        return X
+    if block_size(qtype) == 32:
+        blocks = X.reshape(-1, 32)
+        amax = np.abs(blocks).max(axis=1, keepdims=True)
+        scale = (amax / np.float32(127.0)).astype(np.float16).astype(np.float32)
+        with np.errstate(divide="ignore"):
+            inverse = np.where(amax == 0, np.float32(0.0), np.float32(127.0) / amax).astype(np.float32)
+        return (np.rint(blocks * inverse) * scale).astype(np.float32).reshape(X.shape)
+    blocks = X.reshape(-1, 256)
+    signed_max = blocks[np.arange(len(blocks)), np.abs(blocks).argmax(axis=1)]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        iscale = np.float32(-127.0) / signed_max
+        q = np.minimum(np.float32(127.0), np.rint(iscale[:, None] * blocks))
+        values = q * (np.float32(1.0) / iscale)[:, None]
+    return np.where(signed_max[:, None] == 0, np.float32(0.0), values).astype(np.float32).reshape(X.shape)
+
+
+def product_errors(weight, dequantized: np.ndarray, X: np.ndarray) -> tuple[float, float]:
+    """Relative errors of matmul (matvec for one row) against float64 NumPy: exact float32
+    activations, then llama.cpp's 8-bit activations against the same rounding done in NumPy."""
+    from localllm.kernels.cpu import matmul, matvec
+
+    def product(quantize):
+        if X.shape[0] == 1:
+            return matvec(weight, X[0], quantize=quantize)[None]
+        return matmul(weight, X, quantize=quantize)
+
+    exact = relative_error(product(False), reference_product(dequantized, X))
+    quantized = relative_error(product(True), reference_product(dequantized, llama_activations(X, weight.type)))
+    return exact, quantized

@@ -10,6 +10,7 @@ import sys
 import time
 
 import pytest
+from conftest import load_reference
 
 from localllm.runtime.llm import LLM
 
@@ -49,11 +50,16 @@ def greedy_json(model_path):
 
 
 def test_streamed_greedy_text_equals_the_python_api(smollm):
-    result = run_generate("-m", SMOLLM, "-n", "16", "--temp", "0", PROMPT)
+    result = run_generate("-m", SMOLLM, "-n", "32", "--temp", "0", PROMPT)
     assert result.returncode == 0, result.stderr
-    expected = smollm.generate(PROMPT, temperature=0, max_tokens=16)
+    expected = smollm.generate(PROMPT, temperature=0, max_tokens=32)
     assert expected.text
     assert result.stdout == expected.text
+
+
+def test_first_8_tokens_equal_llama_cpp(greedy_json):
+    case = next(c for c in load_reference(SMOLLM)["cases"] if c["text"] == PROMPT)
+    assert greedy_json["token_ids"][:8] == case["greedy"][:8]
 
 
 def test_json_output_parses_and_its_counts_add_up(smollm, greedy_json):

@@ -32,7 +32,8 @@ def test_gpl3_perplexity_within_one_percent_of_llama_cpp(name, model_path):
 
 @pytest.fixture(scope="module")
 def smollm2(model_path):
-    with LLM(model_path("smollm2-135m-instruct"), n_ctx=64) as llm:
+    # Float32 activations, so logits do not depend on how a chunk is split into calls.
+    with LLM(model_path("smollm2-135m-instruct"), n_ctx=64, quantize_activations=False) as llm:
         yield llm
 
 

@@ -29,9 +29,12 @@ class LLM:
 
     Attributes: `path`, `gguf` (the open file), `model` (its architecture, weights in the
     memory map), `tokenizer`, `cache` (the KV cache of the current context) and `n_ctx`.
+    `quantize_activations=False` runs products on float32 activations instead of llama.cpp's
+    8-bit rounding of them.
     """
 
-    def __init__(self, model: str | os.PathLike, n_ctx: int | None = None, threads: int | None = None):
+    def __init__(self, model: str | os.PathLike, n_ctx: int | None = None, threads: int | None = None,
+                 quantize_activations: bool = True):
         started = time.perf_counter()
         # Held for a whole generation (or logits call): they share the one KV cache.
         self._lock = GenerationLock()
@@ -41,6 +44,7 @@ class LLM:
         self.gguf = open_gguf(self.path)
         try:
             self.model = load_model(self.gguf, self.path)
+            self.model.quantize_activations = quantize_activations
             self.tokenizer = Tokenizer.from_gguf(self.gguf)
             if n_ctx is None:
                 n_ctx = min(self.model.hparams.n_ctx_train, DEFAULT_N_CTX)

@@ -24,6 +24,7 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from localllm.errors import KernelError
 from localllm.kernels.cpu import floats, kquants, legacy
+from localllm.kernels.cpu.activations import quantize_activations
 from localllm.kernels.cpu.threads import apply_threads
 
 KERNELS = {**floats.KERNELS, **legacy.KERNELS, **kquants.KERNELS}
@@ -88,18 +89,24 @@ def _check_out(out, shape: tuple[int, ...]) -> np.ndarray:
     return out
 
 
-def matvec(weight, x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
-    """weight @ x for one float32 activation vector: float32[rows]."""
+def matvec(weight, x: np.ndarray, out: np.ndarray | None = None, *, quantize: bool = True) -> np.ndarray:
+    """weight @ x for one float32 activation vector: float32[rows].
+
+    With `quantize`, x is first rounded to 8 bits as llama.cpp rounds it for this weight type
+    (activations.py); without, the product is exact to float32 rounding.
+    """
     raw, qtype, rows, cols = _check_weight(weight)
     _check_activations("x", x, 1, cols, getattr(weight, "name", "the weight"))
     out = _check_out(out, (rows,))
     apply_threads()
+    if quantize:
+        x = quantize_activations(x, qtype)
     KERNELS[qtype][0](raw, x, out)
     return out
 
 
-def matmul(weight, X: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
-    """X @ weight.T for n activation rows (1 <= n <= 512): float32[n, rows]."""
+def matmul(weight, X: np.ndarray, out: np.ndarray | None = None, *, quantize: bool = True) -> np.ndarray:
+    """X @ weight.T for n activation rows (1 <= n <= 512): float32[n, rows]; `quantize` as in matvec."""
     raw, qtype, rows, cols = _check_weight(weight)
     _check_activations("X", X, 2, cols, getattr(weight, "name", "the weight"))
     n = X.shape[0]
@@ -107,6 +114,8 @@ def matmul(weight, X: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
         raise KernelError(f"matmul takes 1 to {MAX_MATMUL_ROWS} activation rows, got {n}")
     out = _check_out(out, (n, rows))
     apply_threads()
+    if quantize:
+        X = quantize_activations(X, qtype)
     if n == 1:
         KERNELS[qtype][0](raw, X[0], out[0])
     else:

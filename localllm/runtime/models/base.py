@@ -165,6 +165,10 @@ class Model(ABC):
         else:
             self.output = self.token_embd
         self.embedding_scale = 1.0
+        # Round activations to 8 bits before each quantized product, as llama.cpp does, so
+        # logits match its logits; False keeps float32 activations (closer to the trained
+        # model, and prefill then equals token-by-token decoding to float32 rounding).
+        self.quantize_activations = True
 
     @property
     def n_vocab(self) -> int:
@@ -223,18 +227,17 @@ class Model(ABC):
 
     def _head(self, hidden: np.ndarray) -> np.ndarray:
         normed = kernels.rms_norm(hidden, self.output_norm, self.hparams.rms_eps)
-        return linear(self.output, normed)
+        return self.linear(self.output, normed)
+
+    def linear(self, weight, x: np.ndarray) -> np.ndarray:
+        """x (n, cols) times weight transposed: matvec for a single row, matmul for a block."""
+        if x.shape[0] == 1:
+            return kernels.matvec(weight, x[0], quantize=self.quantize_activations)[None, :]
+        return kernels.matmul(weight, x, quantize=self.quantize_activations)
 
     @abstractmethod
     def _layer(self, i: int, x: np.ndarray, positions: np.ndarray, cache: KVCache) -> None:
         """Update the residual stream x (n, n_embd) in place with layer i."""
-
-
-def linear(weight, x: np.ndarray) -> np.ndarray:
-    """x (n, cols) times weight transposed: matvec for a single row, matmul for a block."""
-    if x.shape[0] == 1:
-        return kernels.matvec(weight, x[0])[None, :]
-    return kernels.matmul(weight, x)
 
 
 def attention_scale(head_dim: int) -> float:

@@ -17,7 +17,7 @@ import numpy as np
 
 from localllm.errors import ModelError
 from localllm.kernels import cpu as kernels
-from localllm.runtime.models.base import Model, Weights, linear, read_hparams
+from localllm.runtime.models.base import Model, Weights, read_hparams
 
 SLIDING_PATTERN = 6
 LOCAL_ROPE_BASE = 10000.0
@@ -94,9 +94,9 @@ class Gemma3Model(Model):
             base, freq_scale = hp.rope_base, hp.rope_freq_scale
 
         h = kernels.rms_norm(x, layer.attn_norm, hp.rms_eps)
-        q = linear(layer.wq, h).reshape(n, hp.n_head, hp.head_dim_k)
-        k = linear(layer.wk, h).reshape(n, hp.n_head_kv, hp.head_dim_k)
-        v = linear(layer.wv, h).reshape(n, hp.n_head_kv, hp.head_dim_v)
+        q = self.linear(layer.wq, h).reshape(n, hp.n_head, hp.head_dim_k)
+        k = self.linear(layer.wk, h).reshape(n, hp.n_head_kv, hp.head_dim_k)
+        v = self.linear(layer.wv, h).reshape(n, hp.n_head_kv, hp.head_dim_v)
         q = kernels.rms_norm(q, layer.q_norm, hp.rms_eps)
         k = kernels.rms_norm(k, layer.k_norm, hp.rms_eps)
         kernels.rope(q, positions, n_rot=hp.n_rot, base=base, freq_scale=freq_scale, neox=True)
@@ -104,11 +104,11 @@ class Gemma3Model(Model):
         cache.write(i, k, v)
         keys, values, key_positions = cache.view(i)
         attn = kernels.attention(q, keys, values, positions, key_positions, scale=self.scale, window=window)
-        attn_out = linear(layer.wo, attn.reshape(n, hp.n_head * hp.head_dim_v))
+        attn_out = self.linear(layer.wo, attn.reshape(n, hp.n_head * hp.head_dim_v))
         x += kernels.rms_norm(attn_out, layer.post_attn_norm, hp.rms_eps)
 
         h = kernels.rms_norm(x, layer.ffn_norm, hp.rms_eps)
-        ffn_out = linear(layer.down, kernels.geglu(linear(layer.gate, h), linear(layer.up, h)))
+        ffn_out = self.linear(layer.down, kernels.geglu(self.linear(layer.gate, h), self.linear(layer.up, h)))
         x += kernels.rms_norm(ffn_out, layer.post_ffn_norm, hp.rms_eps)
 
 

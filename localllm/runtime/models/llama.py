@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from localllm.kernels import cpu as kernels
-from localllm.runtime.models.base import Model, Weights, attention_scale, linear, read_hparams
+from localllm.runtime.models.base import Model, Weights, attention_scale, read_hparams
 
 
 @dataclass
@@ -72,9 +72,9 @@ class LlamaModel(Model):
         n = x.shape[0]
 
         h = kernels.rms_norm(x, layer.attn_norm, hp.rms_eps)
-        q = linear(layer.wq, h)
-        k = linear(layer.wk, h)
-        v = linear(layer.wv, h)
+        q = self.linear(layer.wq, h)
+        k = self.linear(layer.wk, h)
+        v = self.linear(layer.wv, h)
         for projected, bias in ((q, layer.bq), (k, layer.bk), (v, layer.bv)):
             if bias is not None:
                 projected += bias
@@ -86,10 +86,10 @@ class LlamaModel(Model):
         cache.write(i, k, v)
         keys, values, key_positions = cache.view(i)
         attn = kernels.attention(q, keys, values, positions, key_positions, scale=self.scale)
-        x += linear(layer.wo, attn.reshape(n, hp.n_head * hp.head_dim_v))
+        x += self.linear(layer.wo, attn.reshape(n, hp.n_head * hp.head_dim_v))
 
         h = kernels.rms_norm(x, layer.ffn_norm, hp.rms_eps)
-        x += linear(layer.down, kernels.swiglu(linear(layer.gate, h), linear(layer.up, h)))
+        x += self.linear(layer.down, kernels.swiglu(self.linear(layer.gate, h), self.linear(layer.up, h)))
 
 
 ARCHITECTURES = {"llama": LlamaModel, "qwen2": LlamaModel}

@@ -1,0 +1,107 @@
+"""8-bit activation quantization, as llama.cpp applies it before every quantized product.
+
+llama.cpp never multiplies a quantized weight by float activations: it first rounds the
+activation row to an 8-bit block format (ggml's `vec_dot_type` of the weight's type) and
+takes integer dot products. That rounding shifts logits by up to a few tenths, and on rows
+with outlier activations (Qwen2's first position, Gemma 3) by much more, so matching
+llama.cpp's logits means rounding the same way. The products here then run on the rounded
+values in float32, which equals ggml's integer arithmetic up to float32 rounding.
+
+Formats (constants from ggml-quants.c / the x86 quantizers):
+  Q8_0 and Q8_1  32-value blocks; d = amax / 127 stored as f16; q = round-half-even(x * 127 / amax);
+                 the value is q * f16(d). (Q8_1 also stores f16(d * sum q) for the weight
+                 offsets of Q4_1/Q5_1; that extra rounding is below float32 noise and is not
+                 reproduced.)
+  Q8_K           256-value blocks; with `max` the first value of largest magnitude,
+                 iscale = -127 / max, q = min(127, round-half-even(iscale * x)), d = 1 / iscale
+                 stored as f32; the value is q * d.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from gguf import GGMLQuantizationType as T
+from numba import njit, prange
+
+_OPTIONS = dict(cache=True, nogil=True)
+
+Q8_0_BLOCK = 32
+Q8_K_BLOCK = 256
+
+# The activation format ggml's CPU backend pairs with each weight type (`vec_dot_type`).
+ACTIVATION_BLOCK = {
+    T.Q4_0: Q8_0_BLOCK, T.Q4_1: Q8_0_BLOCK, T.Q5_0: Q8_0_BLOCK, T.Q5_1: Q8_0_BLOCK, T.Q8_0: Q8_0_BLOCK,
+    T.Q2_K: Q8_K_BLOCK, T.Q3_K: Q8_K_BLOCK, T.Q4_K: Q8_K_BLOCK, T.Q5_K: Q8_K_BLOCK, T.Q6_K: Q8_K_BLOCK,
+    T.TQ1_0: Q8_K_BLOCK, T.TQ2_0: Q8_K_BLOCK,
+}
+
+
+@njit(**_OPTIONS)
+def _round_to_half(value):
+    """The float16 nearest to a non-negative float32 (ties to even), as a float32."""
+    if value == 0.0 or not math.isfinite(value):
+        return np.float32(value)
+    _, exponent = math.frexp(value)
+    # float16 keeps 11 significant bits down to 2**-14, then fixed steps of 2**-24.
+    step = 2.0 ** max(exponent - 11, -24)
+    rounded = np.rint(np.float64(value) / step) * step
+    if rounded > 65504.0:
+        return np.float32(np.inf)
+    return np.float32(rounded)
+
+
+@njit(**_OPTIONS)
+def _q8_0_row(x, out):
+    for b in range(x.shape[0] // Q8_0_BLOCK):
+        xb = x[b * Q8_0_BLOCK:(b + 1) * Q8_0_BLOCK]
+        ob = out[b * Q8_0_BLOCK:(b + 1) * Q8_0_BLOCK]
+        amax = np.float32(0.0)
+        for j in range(Q8_0_BLOCK):
+            amax = max(amax, abs(xb[j]))
+        scale = _round_to_half(amax / np.float32(127.0))
+        inverse = np.float32(127.0) / amax if amax != 0.0 else np.float32(0.0)
+        for j in range(Q8_0_BLOCK):
+            ob[j] = np.float32(np.rint(xb[j] * inverse)) * scale
+
+
+@njit(**_OPTIONS)
+def _q8_k_row(x, out):
+    for b in range(x.shape[0] // Q8_K_BLOCK):
+        xb = x[b * Q8_K_BLOCK:(b + 1) * Q8_K_BLOCK]
+        ob = out[b * Q8_K_BLOCK:(b + 1) * Q8_K_BLOCK]
+        amax = np.float32(0.0)
+        signed_max = np.float32(0.0)
+        for j in range(Q8_K_BLOCK):
+            if abs(xb[j]) > amax:
+                amax = abs(xb[j])
+                signed_max = xb[j]
+        if amax == 0.0:
+            ob[:] = 0.0
+            continue
+        iscale = np.float32(-127.0) / signed_max
+        scale = np.float32(1.0) / iscale
+        for j in range(Q8_K_BLOCK):
+            ob[j] = np.float32(min(np.float32(127.0), np.rint(iscale * xb[j]))) * scale
+
+
+@njit(**_OPTIONS, parallel=True)
+def _quantize_rows(X, block, out):
+    for i in prange(X.shape[0]):
+        if block == Q8_K_BLOCK:
+            _q8_k_row(X[i], out[i])
+        else:
+            _q8_0_row(X[i], out[i])
+
+
+def quantize_activations(X: np.ndarray, qtype) -> np.ndarray:
+    """X (float32, C-contiguous, last axis a multiple of the block) rounded the way llama.cpp
+    rounds activations for products with `qtype` weights; X itself if that type has none."""
+    block = ACTIVATION_BLOCK.get(qtype)
+    if block is None:
+        return X
+    rows = X.reshape(-1, X.shape[-1])
+    out = np.empty_like(rows)
+    _quantize_rows(rows, block, out)
+    return out.reshape(X.shape)
