@@ -14,8 +14,12 @@ float32 activations, which keeps results exact to float32 rounding; the offsets 
 are applied once per block through the block sums of x. Every block is addressed through
 slices (qs, xb) indexed by the loop counter: with a computed index Numba adds a negative-index
 fix-up per element and LLVM then loads element by element instead of 8 lanes at once.
-Q4_0/Q4_1 accumulate into 32 per-position lanes (one small buffer per row chunk) instead of
-reducing every block to a scalar: the per-block horizontal sum cost more than the decoding.
+matvec accumulates into 32 per-position lanes (one small buffer per row chunk) instead of
+reducing every block to a scalar: the per-block horizontal sum cost more than the decoding, and
+independent lanes vectorize without fastmath. matvec is compiled without fastmath on purpose:
+with reassociation allowed, LLVM vectorized the reductions differently in a process that
+compiled the kernels than in one that loaded them from Numba's cache, so the first run after
+installing gave other greedy tokens than every later run.
 matmul decodes each weight row once into a float32 buffer and dots it with four activation
 rows per pass. dequantize_rows multiplies in the same order as ggml (no fast-math), so it is bit-exact.
 """
@@ -35,7 +39,7 @@ _ROW_CHUNK = 16
 _ACTIVATION_TILE = 4
 
 
-@njit(**_OPTIONS, fastmath=True)
+@njit(**_OPTIONS)
 def _block_sums(x, out):
     for b in range(out.shape[0]):
         xb = x[b * BLOCK:(b + 1) * BLOCK]
@@ -43,6 +47,14 @@ def _block_sums(x, out):
         for j in range(BLOCK):
             acc += xb[j]
         out[b] = acc
+
+
+@njit(**_OPTIONS)
+def _lane_sum(lanes):
+    total = np.float32(0.0)
+    for j in range(BLOCK):
+        total += lanes[j]
+    return total
 
 
 @njit(**_OPTIONS)
@@ -89,7 +101,7 @@ def _decode_q4_0(row, out):
             values[16 + j] = d * np.float32(np.int32(qs[j] >> 4) - 8)
 
 
-@njit(**_OPTIONS, fastmath=True)
+@njit(**_OPTIONS)
 def _dot_q4_0(row, x, lanes):
     lanes[:] = 0
     for b in range(x.shape[0] // BLOCK):
@@ -100,10 +112,10 @@ def _dot_q4_0(row, x, lanes):
         for j in range(16):
             lanes[j] += d * (np.float32(np.int32(qs[j] & 15) - 8) * xb[j])
             lanes[16 + j] += d * (np.float32(np.int32(qs[j] >> 4) - 8) * xb[16 + j])
-    return lanes.sum()
+    return _lane_sum(lanes)
 
 
-@njit(**_OPTIONS, parallel=True, fastmath=True)
+@njit(**_OPTIONS, parallel=True)
 def matvec_q4_0(raw, x, out):
     rows = raw.shape[0]
     chunks = (rows + _ROW_CHUNK - 1) // _ROW_CHUNK
@@ -145,7 +157,7 @@ def _decode_q4_1(row, out):
             values[16 + j] = d * np.float32(qs[j] >> 4) + m
 
 
-@njit(**_OPTIONS, fastmath=True)
+@njit(**_OPTIONS)
 def _dot_q4_1(row, x, x_sums, lanes):
     lanes[:] = 0
     offsets = np.float32(0.0)
@@ -158,10 +170,10 @@ def _dot_q4_1(row, x, x_sums, lanes):
             lanes[j] += d * (np.float32(qs[j] & 15) * xb[j])
             lanes[16 + j] += d * (np.float32(qs[j] >> 4) * xb[16 + j])
         offsets += load_half(row, o + 2) * x_sums[b]
-    return lanes.sum() + offsets
+    return _lane_sum(lanes) + offsets
 
 
-@njit(**_OPTIONS, parallel=True, fastmath=True)
+@njit(**_OPTIONS, parallel=True)
 def matvec_q4_1(raw, x, out):
     x_sums = np.empty(x.shape[0] // BLOCK, dtype=np.float32)
     _block_sums(x, x_sums)
@@ -208,28 +220,32 @@ def _decode_q5_0(row, out):
             values[16 + j] = d * np.float32(np.int32(top) - 16)
 
 
-@njit(**_OPTIONS, fastmath=True)
-def _dot_q5_0(row, x):
-    total = np.float32(0.0)
+@njit(**_OPTIONS)
+def _dot_q5_0(row, x, lanes):
+    lanes[:] = 0
     for b in range(x.shape[0] // BLOCK):
         o = b * 22
+        d = load_half(row, o)
         high = _high_bits(row, o + 2)
         xb = x[b * BLOCK:(b + 1) * BLOCK]
-        acc = np.float32(0.0)
         qs = row[o + 6:o + 22]
         for j in range(16):
             q = np.uint32(qs[j])
             low = (q & 15) | (((high >> j) & 1) << 4)
             top = (q >> 4) | (((high >> (j + 16)) & 1) << 4)
-            acc += np.float32(np.int32(low) - 16) * xb[j] + np.float32(np.int32(top) - 16) * xb[16 + j]
-        total += load_half(row, o) * acc
-    return total
+            lanes[j] += d * (np.float32(np.int32(low) - 16) * xb[j])
+            lanes[16 + j] += d * (np.float32(np.int32(top) - 16) * xb[16 + j])
+    return _lane_sum(lanes)
 
 
-@njit(**_OPTIONS, parallel=True, fastmath=True)
+@njit(**_OPTIONS, parallel=True)
 def matvec_q5_0(raw, x, out):
-    for r in prange(raw.shape[0]):
-        out[r] = _dot_q5_0(raw[r], x)
+    rows = raw.shape[0]
+    chunks = (rows + _ROW_CHUNK - 1) // _ROW_CHUNK
+    lanes = np.empty((chunks, BLOCK), dtype=np.float32)
+    for c in prange(chunks):
+        for r in range(c * _ROW_CHUNK, min(rows, (c + 1) * _ROW_CHUNK)):
+            out[r] = _dot_q5_0(raw[r], x, lanes[c])
 
 
 @njit(**_OPTIONS, parallel=True, fastmath=True)
@@ -268,30 +284,36 @@ def _decode_q5_1(row, out):
             values[16 + j] = d * np.float32(top) + m
 
 
-@njit(**_OPTIONS, fastmath=True)
-def _dot_q5_1(row, x, x_sums):
-    total = np.float32(0.0)
+@njit(**_OPTIONS)
+def _dot_q5_1(row, x, x_sums, lanes):
+    lanes[:] = 0
+    offsets = np.float32(0.0)
     for b in range(x_sums.shape[0]):
         o = b * 24
+        d = load_half(row, o)
         high = _high_bits(row, o + 4)
         xb = x[b * BLOCK:(b + 1) * BLOCK]
-        acc = np.float32(0.0)
         qs = row[o + 8:o + 24]
         for j in range(16):
             q = np.uint32(qs[j])
             low = (q & 15) | (((high >> j) & 1) << 4)
             top = (q >> 4) | (((high >> (j + 16)) & 1) << 4)
-            acc += np.float32(low) * xb[j] + np.float32(top) * xb[16 + j]
-        total += load_half(row, o) * acc + load_half(row, o + 2) * x_sums[b]
-    return total
+            lanes[j] += d * (np.float32(low) * xb[j])
+            lanes[16 + j] += d * (np.float32(top) * xb[16 + j])
+        offsets += load_half(row, o + 2) * x_sums[b]
+    return _lane_sum(lanes) + offsets
 
 
-@njit(**_OPTIONS, parallel=True, fastmath=True)
+@njit(**_OPTIONS, parallel=True)
 def matvec_q5_1(raw, x, out):
     x_sums = np.empty(x.shape[0] // BLOCK, dtype=np.float32)
     _block_sums(x, x_sums)
-    for r in prange(raw.shape[0]):
-        out[r] = _dot_q5_1(raw[r], x, x_sums)
+    rows = raw.shape[0]
+    chunks = (rows + _ROW_CHUNK - 1) // _ROW_CHUNK
+    lanes = np.empty((chunks, BLOCK), dtype=np.float32)
+    for c in prange(chunks):
+        for r in range(c * _ROW_CHUNK, min(rows, (c + 1) * _ROW_CHUNK)):
+            out[r] = _dot_q5_1(raw[r], x, x_sums, lanes[c])
 
 
 @njit(**_OPTIONS, parallel=True, fastmath=True)
@@ -324,28 +346,27 @@ def _decode_q8_0(row, out):
             values[j] = np.float32(np.int8(qs[j])) * d
 
 
-@njit(**_OPTIONS, fastmath=True)
-def _dot_q8_0(row, x, blocks):
-    # The block length is computed at run time (it is always 32): with a constant 32 LLVM
-    # unrolls the inner loop fully before vectorizing and then keeps it scalar; as a loop
-    # of unknown length it becomes 8-lane int8-to-float conversions and FMAs (3x faster).
-    length = x.shape[0] // blocks
-    total = np.float32(0.0)
-    for b in range(blocks):
+@njit(**_OPTIONS)
+def _dot_q8_0(row, x, lanes):
+    lanes[:] = 0
+    for b in range(x.shape[0] // BLOCK):
         o = b * 34
-        qs = row[o + 2:o + 2 + length]
-        xb = x[b * length:(b + 1) * length]
-        acc = np.float32(0.0)
-        for j in range(length):
-            acc += np.float32(np.int8(qs[j])) * xb[j]
-        total += load_half(row, o) * acc
-    return total
+        d = load_half(row, o)
+        qs = row[o + 2:o + 34]
+        xb = x[b * BLOCK:(b + 1) * BLOCK]
+        for j in range(BLOCK):
+            lanes[j] += d * (np.float32(np.int8(qs[j])) * xb[j])
+    return _lane_sum(lanes)
 
 
-@njit(**_OPTIONS, parallel=True, fastmath=True)
+@njit(**_OPTIONS, parallel=True)
 def matvec_q8_0(raw, x, out):
-    for r in prange(raw.shape[0]):
-        out[r] = _dot_q8_0(raw[r], x, x.shape[0] // BLOCK)
+    rows = raw.shape[0]
+    chunks = (rows + _ROW_CHUNK - 1) // _ROW_CHUNK
+    lanes = np.empty((chunks, BLOCK), dtype=np.float32)
+    for c in prange(chunks):
+        for r in range(c * _ROW_CHUNK, min(rows, (c + 1) * _ROW_CHUNK)):
+            out[r] = _dot_q8_0(raw[r], x, lanes[c])
 
 
 @njit(**_OPTIONS, parallel=True, fastmath=True)
