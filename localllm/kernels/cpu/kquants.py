@@ -15,12 +15,16 @@ ggml-common.h and dequantize_row_* in ggml-quants.c).
   into a float scale. Q6_K's two high bits therefore go through their own float product instead
   of being or-ed into the code (measured 1.5x). Q4_K's and Q6_K's scales are decoded branch-free
   once per block into a stack buffer (`_stack_pointer`: a Numba-allocated array would make LLVM
-  guard every vectorized loop with aliasing checks). Q6_K and TQ2_0 accumulate 16/32-lane partial
+  guard every vectorized loop with aliasing checks). Every matvec accumulates 16/32-lane partial
   sums over the whole row (scale folded into each product) instead of reducing a vector to a
-  scalar per sub-block, which cost more than the products on these short sub-blocks.
-  Activations stay float32: llama.cpp's int8 activations (Q8_K) would be faster, but Numba
-  cannot express 8/16-bit SIMD products (its integers are 64-bit lanes), and they cost about
-  1e-3 relative error where these kernels keep float32 rounding.
+  scalar per sub-block, which cost more than the products on these short sub-blocks. Independent
+  lanes vectorize without fast-math, and matvec is compiled without it on purpose: with
+  reassociation allowed, LLVM vectorized the reductions differently in a process that compiled
+  the kernels than in one that loaded them from Numba's cache, and greedy decoding then
+  depended on whether it was the first run after installing.
+  The kernels multiply float32 activations; products.py first rounds them to 8 bits the way
+  llama.cpp does (activations.py). Integer SIMD products would be faster, but Numba cannot
+  express 8/16-bit SIMD products (its integers are 64-bit lanes).
 * `matmul` (prefill, speculative verification) decodes a tile of `ROW_TILE` weight rows one
   block at a time into a small float32 buffer that stays in L1, then reuses each decoded block
   for every activation row. Dequantizing row tiles for NumPy's BLAS measured 1.4x faster on one
@@ -242,23 +246,27 @@ def _dequantize_row(row, target, kind):
         _decode(kind, row, k * block_bytes, target[k * QK_K:(k + 1) * QK_K])
 
 
-@njit(cache=True, nogil=True, fastmath=_FAST)
+@njit(cache=True, nogil=True)
 def _matvec_chunk(raw, x, out, chunk, kind):
     """Rows of one ROW_CHUNK through a decoded block in L1 (formats without a dedicated matvec)."""
     block_bytes = _BLOCK_BYTES[kind]
     n_blocks = raw.shape[1] // block_bytes
     w = np.empty(QK_K, dtype=np.float32)
+    lanes = numba.carray(_stack_pointer(32), 32)
     for r in range(chunk * ROW_CHUNK, min(raw.shape[0], (chunk + 1) * ROW_CHUNK)):
         row = raw[r]
-        acc = np.float32(0.0)
+        for l in range(32):
+            lanes[l] = 0.0
         for k in range(n_blocks):
             _decode(kind, row, k * block_bytes, w)
             xo = k * QK_K
-            s = np.float32(0.0)
-            for l in range(QK_K):
-                s += w[l] * x[xo + l]
-            acc += s
-        out[r] = acc
+            for m in range(QK_K // 32):
+                for l in range(32):
+                    lanes[l] += w[32 * m + l] * x[xo + 32 * m + l]
+        total = np.float32(0.0)
+        for l in range(32):
+            total += lanes[l]
+        out[r] = total
 
 
 @njit(cache=True, nogil=True, fastmath=_FAST)
@@ -360,7 +368,7 @@ def _q4_k_scales_mins(row, o, scales, mins):
         mins[j + 4] = np.float32((high >> 4) | ((low_min & 0xC0) >> 2))
 
 
-@njit(cache=True, nogil=True, parallel=True, fastmath=_FAST)
+@njit(cache=True, nogil=True, parallel=True)
 def matvec_q4_k(raw, x, out):
     rows = raw.shape[0]
     n_blocks = raw.shape[1] // 144
@@ -368,31 +376,36 @@ def matvec_q4_k(raw, x, out):
     for chunk in prange((rows + ROW_CHUNK - 1) // ROW_CHUNK):
         scales = numba.carray(_stack_pointer(8), 8)
         mins = numba.carray(_stack_pointer(8), 8)
+        lanes = numba.carray(_stack_pointer(32), 32)
         for r in range(chunk * ROW_CHUNK, min(rows, (chunk + 1) * ROW_CHUNK)):
             row = raw[r]
-            acc = np.float32(0.0)
+            for l in range(32):
+                lanes[l] = 0.0
+            shifted = np.float32(0.0)
             for k in range(n_blocks):
                 o = k * 144
                 _q4_k_scales_mins(row, o, scales, mins)
-                shifted = np.float32(0.0)
+                d = _half(row, o)
+                block_shift = np.float32(0.0)
                 for j in range(8):
-                    shifted += mins[j] * sums32[8 * k + j]
-                scaled = np.float32(0.0)
+                    block_shift += mins[j] * sums32[8 * k + j]
+                shifted += _half(row, o + 2) * block_shift
                 for j in range(4):
-                    low = np.float32(0.0)
-                    high = np.float32(0.0)
                     qo = o + 16 + 32 * j
                     xo = k * QK_K + 64 * j
+                    f_low = d * scales[2 * j]
+                    f_high = d * scales[2 * j + 1] * np.float32(1 / 16)
                     for l in range(32):
                         v = row[qo + l]
-                        low += np.float32(v & 0xF) * x[xo + l]
-                        high += np.float32(v & 0xF0) * x[xo + 32 + l]
-                    scaled += scales[2 * j] * low + scales[2 * j + 1] * np.float32(1 / 16) * high
-                acc += _half(row, o) * scaled - _half(row, o + 2) * shifted
-            out[r] = acc
+                        lanes[l] += (np.float32(v & 0xF) * f_low) * x[xo + l] + (
+                            np.float32(v & 0xF0) * f_high) * x[xo + 32 + l]
+            total = np.float32(0.0)
+            for l in range(32):
+                total += lanes[l]
+            out[r] = total - shifted
 
 
-@njit(cache=True, nogil=True, parallel=True, fastmath=_FAST)
+@njit(cache=True, nogil=True, parallel=True)
 def matvec_q6_k(raw, x, out):
     rows = raw.shape[0]
     n_blocks = raw.shape[1] // 210
@@ -450,7 +463,7 @@ def matvec_q6_k(raw, x, out):
             out[r] = total - 32 * shifted
 
 
-@njit(cache=True, nogil=True, parallel=True, fastmath=_FAST)
+@njit(cache=True, nogil=True, parallel=True)
 def matvec_tq2_0(raw, x, out):
     rows = raw.shape[0]
     n_blocks = raw.shape[1] // 66
