@@ -26,7 +26,7 @@ rows per pass. dequantize_rows multiplies in the same order as ggml (no fast-mat
 
 import numpy as np
 from gguf import GGMLQuantizationType
-from numba import njit, prange
+from numba import literally, njit, prange
 
 from localllm.kernels.cpu.floats import load_half
 
@@ -55,6 +55,40 @@ def _lane_sum(lanes):
     for j in range(BLOCK):
         total += lanes[j]
     return total
+
+
+# Format tags for _matvec, which runs the same row loop for every format.
+_Q4_0, _Q4_1, _Q5_0, _Q5_1, _Q8_0 = range(5)
+
+
+@njit(**_OPTIONS)
+def _dot(kind, row, x, x_sums, lanes):
+    if kind == _Q4_0:
+        return _dot_q4_0(row, x, lanes)
+    if kind == _Q4_1:
+        return _dot_q4_1(row, x, x_sums, lanes)
+    if kind == _Q5_0:
+        return _dot_q5_0(row, x, lanes)
+    if kind == _Q5_1:
+        return _dot_q5_1(row, x, x_sums, lanes)
+    return _dot_q8_0(row, x, lanes)
+
+
+@njit(**_OPTIONS, parallel=True)
+def _matvec(raw, x, out, kind):
+    """out = raw @ x in chunks of _ROW_CHUNK rows, each chunk with its own 32 accumulator lanes;
+    Q4_1/Q5_1 also need the block sums of x for their offsets. `kind` is made a compile-time
+    constant so each format gets its own specialization with the dispatch folded away."""
+    literally(kind)
+    x_sums = np.empty(x.shape[0] // BLOCK, dtype=np.float32)
+    if kind == _Q4_1 or kind == _Q5_1:
+        _block_sums(x, x_sums)
+    rows = raw.shape[0]
+    chunks = (rows + _ROW_CHUNK - 1) // _ROW_CHUNK
+    lanes = np.empty((chunks, BLOCK), dtype=np.float32)
+    for c in prange(chunks):
+        for r in range(c * _ROW_CHUNK, min(rows, (c + 1) * _ROW_CHUNK)):
+            out[r] = _dot(kind, raw[r], x, x_sums, lanes[c])
 
 
 @njit(**_OPTIONS)
@@ -115,14 +149,9 @@ def _dot_q4_0(row, x, lanes):
     return _lane_sum(lanes)
 
 
-@njit(**_OPTIONS, parallel=True)
+@njit(**_OPTIONS)
 def matvec_q4_0(raw, x, out):
-    rows = raw.shape[0]
-    chunks = (rows + _ROW_CHUNK - 1) // _ROW_CHUNK
-    lanes = np.empty((chunks, BLOCK), dtype=np.float32)
-    for c in prange(chunks):
-        for r in range(c * _ROW_CHUNK, min(rows, (c + 1) * _ROW_CHUNK)):
-            out[r] = _dot_q4_0(raw[r], x, lanes[c])
+    _matvec(raw, x, out, _Q4_0)
 
 
 @njit(**_OPTIONS, parallel=True, fastmath=True)
@@ -173,16 +202,9 @@ def _dot_q4_1(row, x, x_sums, lanes):
     return _lane_sum(lanes) + offsets
 
 
-@njit(**_OPTIONS, parallel=True)
+@njit(**_OPTIONS)
 def matvec_q4_1(raw, x, out):
-    x_sums = np.empty(x.shape[0] // BLOCK, dtype=np.float32)
-    _block_sums(x, x_sums)
-    rows = raw.shape[0]
-    chunks = (rows + _ROW_CHUNK - 1) // _ROW_CHUNK
-    lanes = np.empty((chunks, BLOCK), dtype=np.float32)
-    for c in prange(chunks):
-        for r in range(c * _ROW_CHUNK, min(rows, (c + 1) * _ROW_CHUNK)):
-            out[r] = _dot_q4_1(raw[r], x, x_sums, lanes[c])
+    _matvec(raw, x, out, _Q4_1)
 
 
 @njit(**_OPTIONS, parallel=True, fastmath=True)
@@ -238,14 +260,9 @@ def _dot_q5_0(row, x, lanes):
     return _lane_sum(lanes)
 
 
-@njit(**_OPTIONS, parallel=True)
+@njit(**_OPTIONS)
 def matvec_q5_0(raw, x, out):
-    rows = raw.shape[0]
-    chunks = (rows + _ROW_CHUNK - 1) // _ROW_CHUNK
-    lanes = np.empty((chunks, BLOCK), dtype=np.float32)
-    for c in prange(chunks):
-        for r in range(c * _ROW_CHUNK, min(rows, (c + 1) * _ROW_CHUNK)):
-            out[r] = _dot_q5_0(raw[r], x, lanes[c])
+    _matvec(raw, x, out, _Q5_0)
 
 
 @njit(**_OPTIONS, parallel=True, fastmath=True)
@@ -304,16 +321,9 @@ def _dot_q5_1(row, x, x_sums, lanes):
     return _lane_sum(lanes) + offsets
 
 
-@njit(**_OPTIONS, parallel=True)
+@njit(**_OPTIONS)
 def matvec_q5_1(raw, x, out):
-    x_sums = np.empty(x.shape[0] // BLOCK, dtype=np.float32)
-    _block_sums(x, x_sums)
-    rows = raw.shape[0]
-    chunks = (rows + _ROW_CHUNK - 1) // _ROW_CHUNK
-    lanes = np.empty((chunks, BLOCK), dtype=np.float32)
-    for c in prange(chunks):
-        for r in range(c * _ROW_CHUNK, min(rows, (c + 1) * _ROW_CHUNK)):
-            out[r] = _dot_q5_1(raw[r], x, x_sums, lanes[c])
+    _matvec(raw, x, out, _Q5_1)
 
 
 @njit(**_OPTIONS, parallel=True, fastmath=True)
@@ -359,14 +369,9 @@ def _dot_q8_0(row, x, lanes):
     return _lane_sum(lanes)
 
 
-@njit(**_OPTIONS, parallel=True)
+@njit(**_OPTIONS)
 def matvec_q8_0(raw, x, out):
-    rows = raw.shape[0]
-    chunks = (rows + _ROW_CHUNK - 1) // _ROW_CHUNK
-    lanes = np.empty((chunks, BLOCK), dtype=np.float32)
-    for c in prange(chunks):
-        for r in range(c * _ROW_CHUNK, min(rows, (c + 1) * _ROW_CHUNK)):
-            out[r] = _dot_q8_0(raw[r], x, lanes[c])
+    _matvec(raw, x, out, _Q8_0)
 
 
 @njit(**_OPTIONS, parallel=True, fastmath=True)
