@@ -10,13 +10,11 @@ from kernel_helpers import (
     product_errors,
     random_activations,
     random_weight,
-    reference_product,
-    relative_error,
 )
 
 from localllm.formats import quants
 from localllm.formats.gguf import open_gguf
-from localllm.kernels.cpu import KERNELS, embed, matmul, matvec
+from localllm.kernels.cpu import KERNELS, embed
 
 # Products are exact up to float32 rounding, both on float32 activations and on activations
 # rounded to 8 bits (compared with the same rounding done in NumPy).
