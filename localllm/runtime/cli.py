@@ -230,6 +230,65 @@ def _args_perplexity(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, help="compute threads (default: all cores)")
 
 
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from rich import box
+    from rich.console import Console
+    from rich.filesize import decimal
+    from rich.table import Table
+
+    from localllm.runtime.bench import run_bench
+    from localllm.runtime.catalog import default_model, ensure_model
+
+    # Resolve (and pull) every model first so a typo in the last one fails before any timing.
+    models = [ensure_model(name) for name in (args.model or [default_model()])]
+    console = _console(stderr=True)
+    results = run_bench(models, n_prompt=args.n_prompt, n_gen=args.n_gen, repetitions=args.repetitions,
+                        threads=args.threads, profile=args.verbose,
+                        progress=None if args.json else lambda text: console.print(f"[dim]{text}[/dim]"))
+    if args.json:
+        print(json.dumps([result.as_dict() for result in results], indent=2))
+        return 0
+    table = Table(box=box.MARKDOWN)
+    for column in ("model", "type", "size", "threads", "test", "t/s", "load s", "1st token s", "peak RSS",
+                   "tg roofline"):
+        table.add_column(column, justify="left" if column in ("model", "type", "test") else "right")
+    for result in results:
+        roofline = ""
+        if result.roofline_ts is not None:
+            roofline = (f"{result.roofline_ts:.1f} t/s ({result.bandwidth_gbs:.1f} GB/s), "
+                        f"{result.roofline_fraction:.0%}")
+        table.add_row(Path(result.model_filename).name, result.model_type, decimal(result.model_size),
+                      str(result.n_threads), result.test, f"{result.avg_ts:.2f} ± {result.stddev_ts:.2f}",
+                      f"{result.load_seconds:.2f}", f"{result.first_token_seconds:.2f}",
+                      decimal(result.peak_rss_bytes), roofline)
+    # Ten columns do not fit 80 characters; a pipe or file gets the full width instead of wrapping.
+    wide = _console() if sys.stdout.isatty() else Console(highlight=False, width=200)
+    wide.print(table)
+    if args.verbose:
+        for result in results:
+            wide.print(f"{Path(result.model_filename).name} {result.test}: ms per token by op")
+            ops = Table(box=box.SIMPLE_HEAD)
+            ops.add_column("op")
+            ops.add_column("ms/token", justify="right")
+            ops.add_column("share", justify="right")
+            total = sum(result.op_seconds.values())
+            for label, seconds in result.op_seconds.items():
+                ops.add_row(label, f"{seconds * 1000:.3f}", f"{seconds / total:.1%}" if total else "")
+            wide.print(ops)
+    return 0
+
+
+def _args_bench(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("-m", "--model", action="append",
+                        help="catalog name or .gguf path; repeat for several models (default: the catalog default)")
+    parser.add_argument("-p", "--n-prompt", type=int, default=128, help="prompt tokens of the pp test; 0 skips it (default 128)")
+    parser.add_argument("-n", "--n-gen", type=int, default=64, help="generated tokens of the tg test; 0 skips it (default 64)")
+    parser.add_argument("-r", "--repetitions", type=int, default=3, help="timed repetitions of each test (default 3)")
+    parser.add_argument("--threads", type=int, help="compute threads (default: all cores)")
+    parser.add_argument("--json", action="store_true", help="print a JSON list, one object per model and test")
+    parser.add_argument("-v", "--verbose", action="store_true", help="also time every op of one extra run of each test")
+
+
 def _args_pull(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("names", nargs="+", metavar="NAME", help="catalog model name")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress display")
@@ -258,6 +317,7 @@ _SUBCOMMANDS: list[
     ("info", "describe a model: hyperparameters, tokenizer, tensor types", _args_info, _cmd_info),
     ("generate", "generate text from a prompt, streamed to stdout", _args_generate, _cmd_generate),
     ("perplexity", "perplexity of a text file, as llama.cpp's perplexity tool computes it", _args_perplexity, _cmd_perplexity),
+    ("bench", "prompt processing and generation speed, like llama-bench", _args_bench, _cmd_bench),
 ]
 
 
