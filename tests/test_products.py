@@ -5,6 +5,7 @@ import pytest
 from kernel_helpers import (
     Q,
     RawWeight,
+    block_size,
     llama_activations,
     random_activations,
     product_errors,
@@ -13,8 +14,9 @@ from kernel_helpers import (
 
 from localllm import KernelError
 from localllm.formats.gguf import open_gguf
-from localllm.kernels.cpu import KERNELS, embed, matmul, matvec, warm_up
+from localllm.kernels.cpu import KERNELS, embed, get_threads, matmul, matvec, set_threads, warm_up
 from localllm.kernels.cpu.activations import quantize_activations
+from localllm.kernels.cpu.threads import max_threads
 
 # Products are exact up to float32 rounding, both on float32 activations and on activations
 # rounded to 8 bits (compared with the same rounding done in NumPy).
@@ -130,6 +132,22 @@ def test_larger_model_tensors(model_path, model, names):
         check_products(weight, dequantized)
         ids = np.array([0, 2999 if tensor.shape[0] >= 3000 else 1, 5])
         np.testing.assert_array_equal(embed(tensor, ids), dequantized[ids])
+
+
+@pytest.mark.parametrize("qtype", [Q.Q4_K, Q.Q6_K, Q.Q4_1, Q.Q8_0], ids=lambda q: q.name)
+def test_products_do_not_depend_on_the_thread_count(qtype):
+    weight = random_weight(qtype, rows=1000, blocks_per_row=1536 // block_size(qtype), seed=2)
+    batches = [random_activations(n, weight.shape[1], seed=n) for n in (1, 16, 129)]
+    results = {}
+    configured = get_threads()
+    try:
+        for threads in sorted({1, max_threads()}):
+            set_threads(threads)
+            results[threads] = [matmul(weight, X) for X in batches]
+    finally:
+        set_threads(configured)
+    for got, want in zip(results[max_threads()], results[1]):
+        np.testing.assert_array_equal(got, want)
 
 
 @pytest.mark.slow

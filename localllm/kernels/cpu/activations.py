@@ -88,13 +88,18 @@ def _q8_k_row(x, out):
             ob[j] = np.float32(min(np.float32(127.0), np.rint(iscale * xb[j]))) * scale
 
 
+@njit(**_OPTIONS)
+def _quantize_row(x, block, out):
+    if block == Q8_K_BLOCK:
+        _q8_k_row(x, out)
+    else:
+        _q8_0_row(x, out)
+
+
 @njit(**_OPTIONS, parallel=True)
 def _quantize_rows(X, block, out):
     for i in prange(X.shape[0]):
-        if block == Q8_K_BLOCK:
-            _q8_k_row(X[i], out[i])
-        else:
-            _q8_0_row(X[i], out[i])
+        _quantize_row(X[i], block, out[i])
 
 
 def quantize_activations(X: np.ndarray, qtype) -> np.ndarray:
@@ -105,5 +110,9 @@ def quantize_activations(X: np.ndarray, qtype) -> np.ndarray:
         return X
     rows = X.reshape(-1, X.shape[-1])
     out = np.empty_like(rows)
-    _quantize_rows(rows, block, out)
+    if rows.shape[0] == 1:
+        # A decode step's single row: starting the thread pool would cost more than the work.
+        _quantize_row(rows[0], block, out[0])
+    else:
+        _quantize_rows(rows, block, out)
     return out.reshape(X.shape)

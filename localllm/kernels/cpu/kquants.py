@@ -4,7 +4,7 @@ Kernel convention: see products.py. Block layouts: localllm/formats/quants.py (f
 ggml-common.h and dequantize_row_* in ggml-quants.c).
 
 * `dequantize_rows` repeats ggml's float32 operations in ggml's order (no fast-math), so it
-  is bit-exact with `gguf.quants.dequantize`: it is the embedding lookup.
+  is bit-exact with `gguf.quants.dequantize`: it is the embedding lookup (a few rows, so serial).
 * `matvec` (decoding) streams every weight once and must keep up with memory bandwidth, so
   it never materializes weights: the integer codes are converted to float32 and multiplied
   with the float32 activations directly, and the per-sub-block scale, min and offset are
@@ -14,7 +14,7 @@ ggml-common.h and dequantize_row_* in ggml-quants.c).
   bit fields are masked in place (`v & 0xF0`), never shifted, and their power of two is folded
   into a float scale. Q6_K's two high bits therefore go through their own float product instead
   of being or-ed into the code (measured 1.5x). Q4_K's and Q6_K's scales are decoded branch-free
-  once per block into a stack buffer (`_stack_pointer`: a Numba-allocated array would make LLVM
+  once per block into a stack buffer (`pointers.stack_pointer`: a Numba-allocated array would make LLVM
   guard every vectorized loop with aliasing checks). Every matvec accumulates 16/32-lane partial
   sums over the whole row (scale folded into each product) instead of reducing a vector to a
   scalar per sub-block, which cost more than the products on these short sub-blocks. Independent
@@ -27,19 +27,21 @@ ggml-common.h and dequantize_row_* in ggml-quants.c).
   express 8/16-bit SIMD products (its integers are 64-bit lanes).
 * `matmul` (prefill, speculative verification) decodes a tile of `ROW_TILE` weight rows one
   block at a time into a small float32 buffer that stays in L1, then reuses each decoded block
-  for every activation row. Dequantizing row tiles for NumPy's BLAS measured 1.4x faster on one
-  thread at n=128, but 2.4x slower on two: OpenBLAS's threads and Numba's OpenMP threads spin
-  against each other on a two-core machine, and with OpenBLAS held to one thread it only ties.
+  for every activation row. Dequantized tiles through sgemm (one BLAS thread per core, so
+  OpenBLAS's and Numba's pools do not spin against each other) measured 1.2-1.4x faster at
+  64-256 rows, but its float32 sums of 35-bit products rounded differently enough that
+  llama.cpp's 8-bit activation rounding flipped more often: Gemma 3's long reference case went
+  from max |Δ| 2.10 to 3.22. Accumulating in float64 brought it to 1.72, but dgemm was slower
+  than this kernel.
 """
 
 import numba
 import numpy as np
 from gguf import GGMLQuantizationType
-from numba import njit, prange, types
-from numba.core import cgutils
-from numba.extending import intrinsic
+from numba import njit, prange
 
 from localllm.kernels.cpu.floats import half_to_float, load_half
+from localllm.kernels.cpu.pointers import data_pointer, stack_pointer
 
 QK_K = 256
 ROW_TILE = 4
@@ -48,22 +50,11 @@ ROW_TILE = 4
 ROW_CHUNK = 16
 # Reassociation lets LLVM vectorize the float reductions; contraction lets it use FMA.
 _FAST = {"reassoc", "contract", "nsz"}
+# matvec: contraction (FMA fusion) only; it is decided per expression, the same whether a
+# kernel was just compiled or loaded from the cache, unlike reassociation (see above).
+_CONTRACT = {"contract"}
 
 Q = GGMLQuantizationType
-
-
-@intrinsic
-def _stack_pointer(typingctx, size):
-    """Pointer to `size` (a compile-time constant) float32 values in the caller's stack frame."""
-    if not isinstance(size, types.IntegerLiteral):
-        return None
-    count = size.literal_value
-
-    def codegen(context, builder, signature, args):
-        # alloca_once puts the buffer in the entry block, so a call inside a loop reuses it.
-        return cgutils.alloca_once(builder, context.get_value_type(types.float32), size=count)
-
-    return types.CPointer(types.float32)(size), codegen
 
 
 @njit(nogil=True, inline="always")
@@ -134,10 +125,12 @@ def _decode_q4_k(row, o, w):
         d2 = d * np.float32(sc2)
         min1 = dmin * np.float32(m1)
         min2 = dmin * np.float32(m2)
+        qs = row[o + 16 + 32 * j:o + 48 + 32 * j]
+        low = w[64 * j:64 * j + 32]
+        high = w[64 * j + 32:64 * j + 64]
         for l in range(32):
-            v = row[o + 16 + 32 * j + l]
-            w[64 * j + l] = d1 * np.float32(v & 0xF) - min1
-            w[64 * j + 32 + l] = d2 * np.float32(v >> 4) - min2
+            low[l] = d1 * np.float32(qs[l] & 0xF) - min1
+            high[l] = d2 * np.float32(qs[l] >> 4) - min2
 
 
 @njit(cache=True, nogil=True)
@@ -160,25 +153,31 @@ def _decode_q5_k(row, o, w):
 
 @njit(cache=True, nogil=True)
 def _decode_q6_k(row, o, w):
+    # The 6-bit code is assembled in float32 (exact for these small integers) from masked
+    # fields scaled by powers of two: integer shifts would not vectorize (see above).
     d = load_half(row, o + 208)
     for h in range(2):
-        ql = o + 64 * h
-        qh = o + 128 + 32 * h
         for g in range(2):
             s = o + 192 + 8 * h + g
             d1 = d * np.float32(np.int8(row[s]))
             d2 = d * np.float32(np.int8(row[s + 2]))
             d3 = d * np.float32(np.int8(row[s + 4]))
             d4 = d * np.float32(np.int8(row[s + 6]))
-            for l in range(16 * g, 16 * g + 16):
-                a = np.int32(row[ql + l])
-                b = np.int32(row[ql + 32 + l])
-                hb = np.int32(row[qh + l])
-                p = 128 * h + l
-                w[p] = d1 * np.float32(((a & 0xF) | ((hb & 3) << 4)) - 32)
-                w[p + 32] = d2 * np.float32(((b & 0xF) | (((hb >> 2) & 3) << 4)) - 32)
-                w[p + 64] = d3 * np.float32(((a >> 4) | (((hb >> 4) & 3) << 4)) - 32)
-                w[p + 96] = d4 * np.float32(((b >> 4) | (((hb >> 6) & 3) << 4)) - 32)
+            low = row[o + 64 * h + 16 * g:o + 64 * h + 16 * g + 16]
+            high = row[o + 64 * h + 32 + 16 * g:o + 64 * h + 48 + 16 * g]
+            top = row[o + 128 + 32 * h + 16 * g:o + 128 + 32 * h + 16 * g + 16]
+            p = 128 * h + 16 * g
+            w1 = w[p:p + 16]
+            w2 = w[p + 32:p + 48]
+            w3 = w[p + 64:p + 80]
+            w4 = w[p + 96:p + 112]
+            for l in range(16):
+                a, b, t = low[l], high[l], top[l]
+                w1[l] = d1 * (np.float32(a & 0xF) + np.float32(t & 3) * np.float32(16.0) - np.float32(32.0))
+                w2[l] = d2 * (np.float32(b & 0xF) + np.float32(t & 12) * np.float32(4.0) - np.float32(32.0))
+                w3[l] = d3 * (np.float32(a & 0xF0) * np.float32(0.0625) + np.float32(t & 48) - np.float32(32.0))
+                w4[l] = d4 * (np.float32(b & 0xF0) * np.float32(0.0625) + np.float32(t & 192) * np.float32(0.25)
+                              - np.float32(32.0))
 
 
 @njit(cache=True, nogil=True)
@@ -252,7 +251,7 @@ def _matvec_chunk(raw, x, out, chunk, kind):
     block_bytes = _BLOCK_BYTES[kind]
     n_blocks = raw.shape[1] // block_bytes
     w = np.empty(QK_K, dtype=np.float32)
-    lanes = numba.carray(_stack_pointer(32), 32)
+    lanes = numba.carray(stack_pointer(32), 32)
     for r in range(chunk * ROW_CHUNK, min(raw.shape[0], (chunk + 1) * ROW_CHUNK)):
         row = raw[r]
         for l in range(32):
@@ -368,98 +367,110 @@ def _q4_k_scales_mins(row, o, scales, mins):
         mins[j + 4] = np.float32((high >> 4) | ((low_min & 0xC0) >> 2))
 
 
-@njit(cache=True, nogil=True, parallel=True)
+@njit(cache=True, nogil=True, parallel=True, fastmath=_CONTRACT)
 def matvec_q4_k(raw, x, out):
     rows = raw.shape[0]
-    n_blocks = raw.shape[1] // 144
+    row_bytes = raw.shape[1]
+    n_blocks = row_bytes // 144
     sums32 = _sums(x, 32)
     for chunk in prange((rows + ROW_CHUNK - 1) // ROW_CHUNK):
-        scales = numba.carray(_stack_pointer(8), 8)
-        mins = numba.carray(_stack_pointer(8), 8)
-        lanes = numba.carray(_stack_pointer(32), 32)
+        scales = numba.carray(stack_pointer(8), 8)
+        mins = numba.carray(stack_pointer(8), 8)
+        lanes = numba.carray(stack_pointer(32), 32)
+        # Raw pointers: plain loads without the negative-index fix-up of array indexing.
+        p = data_pointer(raw)
+        xp = data_pointer(x)
         for r in range(chunk * ROW_CHUNK, min(rows, (chunk + 1) * ROW_CHUNK)):
-            row = raw[r]
             for l in range(32):
                 lanes[l] = 0.0
             shifted = np.float32(0.0)
             for k in range(n_blocks):
-                o = k * 144
-                _q4_k_scales_mins(row, o, scales, mins)
-                d = _half(row, o)
+                o = r * row_bytes + k * 144
+                _q4_k_scales_mins(p, o, scales, mins)
+                d = _half(p, o)
                 block_shift = np.float32(0.0)
                 for j in range(8):
                     block_shift += mins[j] * sums32[8 * k + j]
-                shifted += _half(row, o + 2) * block_shift
+                shifted += _half(p, o + 2) * block_shift
                 for j in range(4):
                     qo = o + 16 + 32 * j
                     xo = k * QK_K + 64 * j
                     f_low = d * scales[2 * j]
                     f_high = d * scales[2 * j + 1] * np.float32(1 / 16)
                     for l in range(32):
-                        v = row[qo + l]
-                        lanes[l] += (np.float32(v & 0xF) * f_low) * x[xo + l] + (
-                            np.float32(v & 0xF0) * f_high) * x[xo + 32 + l]
+                        v = p[qo + l]
+                        lanes[l] += (np.float32(v & 0xF) * f_low) * xp[xo + l] + (
+                            np.float32(v & 0xF0) * f_high) * xp[xo + 32 + l]
             total = np.float32(0.0)
             for l in range(32):
                 total += lanes[l]
             out[r] = total - shifted
 
 
-@njit(cache=True, nogil=True, parallel=True)
+# Q6_K scale i (i = 8 * half + 2 * quarter + group) weighs its quarter's low-nibble field by
+# 1 (quarters 0, 1) or 1/16 (quarters 2, 3: nibble masked in place, 16 times its value) and its
+# two high bits, masked in place, by 16, 4, 1 and 1/4 (fields at bits 0, 2, 4, 6, all worth 16).
+_Q6_LOW_FACTOR = np.array([(1.0, 1.0, 1 / 16, 1 / 16)[(i >> 1) & 3] for i in range(16)], dtype=np.float32)
+_Q6_HIGH_FACTOR = np.array([(16.0, 4.0, 1.0, 1 / 4)[(i >> 1) & 3] for i in range(16)], dtype=np.float32)
+
+
+@njit(cache=True, nogil=True, parallel=True, fastmath=_CONTRACT)
 def matvec_q6_k(raw, x, out):
     rows = raw.shape[0]
-    n_blocks = raw.shape[1] // 210
+    row_bytes = raw.shape[1]
+    n_blocks = row_bytes // 210
     sums16 = _sums(x, 16)
     for chunk in prange((rows + ROW_CHUNK - 1) // ROW_CHUNK):
-        # scales[i] = d * scale i; scales[16 + i] = 16 * that, the weight of the two high bits.
-        scales = numba.carray(_stack_pointer(32), 32)
-        lanes = numba.carray(_stack_pointer(16), 16)
+        # Per block: low[i], high[i] = d * scale i * its two field factors above.
+        low = numba.carray(stack_pointer(16), 16)
+        high = numba.carray(stack_pointer(16), 16)
+        # lanes[8 * quarter + l]: the products, one independent 8-lane set per quarter;
+        # lanes[32 + i]: d * scale i * (sum of its 16 x), for the offset of 32 of every code.
+        lanes = numba.carray(stack_pointer(48), 48)
+        p = data_pointer(raw)
+        xp = data_pointer(x)
+        sp = data_pointer(sums16)
         for r in range(chunk * ROW_CHUNK, min(rows, (chunk + 1) * ROW_CHUNK)):
-            row = raw[r]
-            for l in range(16):
+            for l in range(48):
                 lanes[l] = 0.0
-            shifted = np.float32(0.0)
             for k in range(n_blocks):
-                o = k * 210
-                d = _half(row, o + 208)
+                o = r * row_bytes + k * 210
+                d = _half(p, o + 208)
                 for i in range(16):
-                    scales[i] = d * np.float32(np.int8(row[o + 192 + i]))
-                    scales[16 + i] = scales[i] * np.float32(16)
-                for i in range(16):
-                    shifted += scales[i] * sums16[16 * k + i]
+                    s = d * np.float32(np.int8(p[o + 192 + i]))
+                    low[i] = s * _Q6_LOW_FACTOR[i]
+                    high[i] = s * _Q6_HIGH_FACTOR[i]
+                    lanes[32 + i] += s * sp[16 * k + i]
                 for h in range(2):
                     ql = o + 64 * h
                     qh = o + 128 + 32 * h
                     xo = k * QK_K + 128 * h
                     for g in range(2):
                         i = 8 * h + g
-                        # Each 6-bit code q = low nibble + 16 * (2 high bits); the fields are
-                        # masked in place, their powers of two folded into these scales.
-                        f1 = scales[i]
-                        f2 = scales[i + 2]
-                        f3 = scales[i + 4] * np.float32(1 / 16)
-                        f4 = scales[i + 6] * np.float32(1 / 16)
-                        e1 = scales[16 + i]
-                        e2 = scales[18 + i] * np.float32(1 / 4)
-                        e3 = scales[20 + i] * np.float32(1 / 16)
-                        e4 = scales[22 + i] * np.float32(1 / 64)
-                        b0 = 16 * g
-                        for l in range(16):
-                            a = row[ql + b0 + l]
-                            b = row[ql + 32 + b0 + l]
-                            hb = row[qh + b0 + l]
-                            x1 = x[xo + b0 + l]
-                            x2 = x[xo + 32 + b0 + l]
-                            x3 = x[xo + 64 + b0 + l]
-                            x4 = x[xo + 96 + b0 + l]
-                            lanes[l] += ((np.float32(a & 0xF) * f1) * x1 + (np.float32(hb & 3) * e1) * x1
-                                         + (np.float32(b & 0xF) * f2) * x2 + (np.float32(hb & 12) * e2) * x2
-                                         + (np.float32(a & 0xF0) * f3) * x3 + (np.float32(hb & 48) * e3) * x3
-                                         + (np.float32(b & 0xF0) * f4) * x4 + (np.float32(hb & 192) * e4) * x4)
+                        f1 = low[i]
+                        f2 = low[i + 2]
+                        f3 = low[i + 4]
+                        f4 = low[i + 6]
+                        e1 = high[i]
+                        e2 = high[i + 2]
+                        e3 = high[i + 4]
+                        e4 = high[i + 6]
+                        for half in range(2):
+                            b0 = 16 * g + 8 * half
+                            for l in range(8):
+                                a = p[ql + b0 + l]
+                                b = p[ql + 32 + b0 + l]
+                                hb = p[qh + b0 + l]
+                                lanes[l] += (np.float32(a & 0xF) * f1 + np.float32(hb & 3) * e1) * xp[xo + b0 + l]
+                                lanes[8 + l] += (np.float32(b & 0xF) * f2 + np.float32(hb & 12) * e2) * xp[xo + 32 + b0 + l]
+                                lanes[16 + l] += (np.float32(a & 0xF0) * f3 + np.float32(hb & 48) * e3) * xp[xo + 64 + b0 + l]
+                                lanes[24 + l] += (np.float32(b & 0xF0) * f4 + np.float32(hb & 192) * e4) * xp[xo + 96 + b0 + l]
             total = np.float32(0.0)
-            for l in range(16):
-                total += lanes[l]
-            # The codes are stored offset by 32: subtract 32 * scale * (sum of x) per sub-block.
+            for l in range(8):
+                total += (lanes[l] + lanes[8 + l]) + (lanes[16 + l] + lanes[24 + l])
+            shifted = np.float32(0.0)
+            for i in range(16):
+                shifted += lanes[32 + i]
             out[r] = total - 32 * shifted
 
 
@@ -469,7 +480,7 @@ def matvec_tq2_0(raw, x, out):
     n_blocks = raw.shape[1] // 66
     sums = _sums(x, QK_K)
     for chunk in prange((rows + ROW_CHUNK - 1) // ROW_CHUNK):
-        lanes = numba.carray(_stack_pointer(32), 32)
+        lanes = numba.carray(stack_pointer(32), 32)
         for r in range(chunk * ROW_CHUNK, min(rows, (chunk + 1) * ROW_CHUNK)):
             row = raw[r]
             for l in range(32):
@@ -566,45 +577,45 @@ def matmul_tq2_0(raw, X, out):
         _matmul_tile(raw, X, out, tile, _TQ2_0)
 
 
-@njit(cache=True, nogil=True, parallel=True)
+@njit(cache=True, nogil=True)
 def dequantize_rows_q2_k(raw, row_ids, out):
-    for i in prange(row_ids.shape[0]):
+    for i in range(row_ids.shape[0]):
         _dequantize_row(raw[row_ids[i]], out[i], _Q2_K)
 
 
-@njit(cache=True, nogil=True, parallel=True)
+@njit(cache=True, nogil=True)
 def dequantize_rows_q3_k(raw, row_ids, out):
-    for i in prange(row_ids.shape[0]):
+    for i in range(row_ids.shape[0]):
         _dequantize_row(raw[row_ids[i]], out[i], _Q3_K)
 
 
-@njit(cache=True, nogil=True, parallel=True)
+@njit(cache=True, nogil=True)
 def dequantize_rows_q4_k(raw, row_ids, out):
-    for i in prange(row_ids.shape[0]):
+    for i in range(row_ids.shape[0]):
         _dequantize_row(raw[row_ids[i]], out[i], _Q4_K)
 
 
-@njit(cache=True, nogil=True, parallel=True)
+@njit(cache=True, nogil=True)
 def dequantize_rows_q5_k(raw, row_ids, out):
-    for i in prange(row_ids.shape[0]):
+    for i in range(row_ids.shape[0]):
         _dequantize_row(raw[row_ids[i]], out[i], _Q5_K)
 
 
-@njit(cache=True, nogil=True, parallel=True)
+@njit(cache=True, nogil=True)
 def dequantize_rows_q6_k(raw, row_ids, out):
-    for i in prange(row_ids.shape[0]):
+    for i in range(row_ids.shape[0]):
         _dequantize_row(raw[row_ids[i]], out[i], _Q6_K)
 
 
-@njit(cache=True, nogil=True, parallel=True)
+@njit(cache=True, nogil=True)
 def dequantize_rows_tq1_0(raw, row_ids, out):
-    for i in prange(row_ids.shape[0]):
+    for i in range(row_ids.shape[0]):
         _dequantize_row(raw[row_ids[i]], out[i], _TQ1_0)
 
 
-@njit(cache=True, nogil=True, parallel=True)
+@njit(cache=True, nogil=True)
 def dequantize_rows_tq2_0(raw, row_ids, out):
-    for i in prange(row_ids.shape[0]):
+    for i in range(row_ids.shape[0]):
         _dequantize_row(raw[row_ids[i]], out[i], _TQ2_0)
 
 

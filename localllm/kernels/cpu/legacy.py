@@ -10,25 +10,30 @@ Nibble byte j holds value j in its low half and value j + 16 in its high half; b
 high-bit word is the fifth bit of value j.
 
 matvec fuses decoding into the dot product (weights are read once, never materialized) with
-float32 activations, which keeps results exact to float32 rounding; the offsets of Q4_1/Q5_1
-are applied once per block through the block sums of x. Every block is addressed through
-slices (qs, xb) indexed by the loop counter: with a computed index Numba adds a negative-index
-fix-up per element and LLVM then loads element by element instead of 8 lanes at once.
-matvec accumulates into 32 per-position lanes (one small buffer per row chunk) instead of
-reducing every block to a scalar: the per-block horizontal sum cost more than the decoding, and
-independent lanes vectorize without fastmath. matvec is compiled without fastmath on purpose:
-with reassociation allowed, LLVM vectorized the reductions differently in a process that
-compiled the kernels than in one that loaded them from Numba's cache, so the first run after
-installing gave other greedy tokens than every later run.
+float32 activations, which keeps results exact to float32 rounding. Offsets are applied once
+per block through the block sums of x (Q4_1/Q5_1's m, and the -8 / -16 of Q4_0/Q5_0, which
+then decode as plain unsigned codes). The high nibble is masked in place (q & 0xF0, 16 times its
+value) and meets an x whose upper half-block was divided by 16 (exact), so no shift is needed:
+Numba's integers are 64-bit and LLVM keeps shifts in 4-lane int64 code. Q5's fifth bit is masked
+in place too and brought to its weight by an exact float product. Rows are read through raw
+pointers and accumulate in 32 lanes on the stack (pointers.py), two blocks per iteration into
+two independent 16-lane sets; reducing to a scalar per block cost more than the decoding.
+matvec is compiled without fastmath on purpose. With reassociation, LLVM vectorized the
+reductions differently in a process that compiled the kernels than in one that loaded them from
+Numba's cache, so the first run after installing gave other greedy tokens than every later run.
+Contraction into FMAs alone is stable, but costs SmolLM2 (Q4_1) one of its near-tie greedy
+continuations of llama.cpp's reference; it gained only 6-10% here.
 matmul decodes each weight row once into a float32 buffer and dots it with four activation
 rows per pass. dequantize_rows multiplies in the same order as ggml (no fast-math), so it is bit-exact.
 """
 
+import numba
 import numpy as np
 from gguf import GGMLQuantizationType
 from numba import literally, njit, prange
 
-from localllm.kernels.cpu.floats import load_half
+from localllm.kernels.cpu.floats import half_to_float, load_half
+from localllm.kernels.cpu.pointers import data_pointer, stack_pointer
 
 _OPTIONS = dict(cache=True, nogil=True)
 BLOCK = 32
@@ -39,56 +44,276 @@ _ROW_CHUNK = 16
 _ACTIVATION_TILE = 4
 
 
-@njit(**_OPTIONS)
-def _block_sums(x, out):
-    for b in range(out.shape[0]):
-        xb = x[b * BLOCK:(b + 1) * BLOCK]
+@njit(nogil=True, inline="always")
+def _half_at(p, o):
+    return half_to_float(np.uint16(p[o]) | (np.uint16(p[o + 1]) << np.uint16(8)))
+
+
+@njit(nogil=True, inline="always")
+def _u32_at(p, o):
+    return (np.uint32(p[o]) | (np.uint32(p[o + 1]) << np.uint32(8))
+            | (np.uint32(p[o + 2]) << np.uint32(16)) | (np.uint32(p[o + 3]) << np.uint32(24)))
+
+
+@njit(cache=True, nogil=True)
+def _prepare_x(x, xs, x_sums):
+    """xs: x with the upper 16 values of every block divided by 16 (exact, a power of two), so
+    a high nibble masked in place (q & 0xF0) multiplies it directly; x_sums: the block sums."""
+    for b in range(x_sums.shape[0]):
         acc = np.float32(0.0)
         for j in range(BLOCK):
-            acc += xb[j]
-        out[b] = acc
+            acc += x[b * BLOCK + j]
+        x_sums[b] = acc
+        for j in range(16):
+            xs[b * BLOCK + j] = x[b * BLOCK + j]
+            xs[b * BLOCK + 16 + j] = x[b * BLOCK + 16 + j] * np.float32(1 / 16)
 
 
-@njit(**_OPTIONS)
-def _lane_sum(lanes):
-    total = np.float32(0.0)
-    for j in range(BLOCK):
-        total += lanes[j]
-    return total
-
-
-# Format tags for _matvec, which runs the same row loop for every format.
 _Q4_0, _Q4_1, _Q5_0, _Q5_1, _Q8_0 = range(5)
 
 
-@njit(**_OPTIONS)
-def _dot(kind, row, x, x_sums, lanes):
+# Each _dot_* reads one row at p[o:] (p: the weight matrix's data pointer), xp: the prepared
+# activations (xs for the nibble formats, x itself for Q8_0), x_sums: block sums of x, nb: blocks
+# per row, lanes: 32 stack floats. Two blocks per iteration go to two independent 16-lane sets;
+# inside a block the low and high halves are summed per position before the block scale.
+
+
+@njit(nogil=True, inline="always")
+def _dot_q4_0(p, o, xp, x_sums, nb, lanes):
+    # d * (q - 8) . x = d * (q . x) - 8 * d * sum(x)
+    for j in range(32):
+        lanes[j] = 0.0
+    off0 = np.float32(0.0)
+    off1 = np.float32(0.0)
+    for b in range(0, nb - 1, 2):
+        bo = o + b * 18
+        d0 = _half_at(p, bo)
+        d1 = _half_at(p, bo + 18)
+        xo = b * 32
+        for j in range(16):
+            q = p[bo + 2 + j]
+            lanes[j] += d0 * (np.float32(q & 15) * xp[xo + j] + np.float32(q & 0xF0) * xp[xo + 16 + j])
+            q = p[bo + 20 + j]
+            lanes[16 + j] += d1 * (np.float32(q & 15) * xp[xo + 32 + j] + np.float32(q & 0xF0) * xp[xo + 48 + j])
+        off0 += d0 * x_sums[b]
+        off1 += d1 * x_sums[b + 1]
+    if nb % 2:
+        b = nb - 1
+        bo = o + b * 18
+        d0 = _half_at(p, bo)
+        xo = b * 32
+        for j in range(16):
+            q = p[bo + 2 + j]
+            lanes[j] += d0 * (np.float32(q & 15) * xp[xo + j] + np.float32(q & 0xF0) * xp[xo + 16 + j])
+        off0 += d0 * x_sums[b]
+    total = np.float32(0.0)
+    for j in range(16):
+        total += lanes[j] + lanes[16 + j]
+    return total - np.float32(8) * (off0 + off1)
+
+
+@njit(nogil=True, inline="always")
+def _dot_q4_1(p, o, xp, x_sums, nb, lanes):
+    # (d * q + m) . x = d * (q . x) + m * sum(x)
+    for j in range(32):
+        lanes[j] = 0.0
+    off0 = np.float32(0.0)
+    off1 = np.float32(0.0)
+    for b in range(0, nb - 1, 2):
+        bo = o + b * 20
+        d0 = _half_at(p, bo)
+        d1 = _half_at(p, bo + 20)
+        xo = b * 32
+        for j in range(16):
+            q = p[bo + 4 + j]
+            lanes[j] += d0 * (np.float32(q & 15) * xp[xo + j] + np.float32(q & 0xF0) * xp[xo + 16 + j])
+            q = p[bo + 24 + j]
+            lanes[16 + j] += d1 * (np.float32(q & 15) * xp[xo + 32 + j] + np.float32(q & 0xF0) * xp[xo + 48 + j])
+        off0 += _half_at(p, bo + 2) * x_sums[b]
+        off1 += _half_at(p, bo + 22) * x_sums[b + 1]
+    if nb % 2:
+        b = nb - 1
+        bo = o + b * 20
+        d0 = _half_at(p, bo)
+        xo = b * 32
+        for j in range(16):
+            q = p[bo + 4 + j]
+            lanes[j] += d0 * (np.float32(q & 15) * xp[xo + j] + np.float32(q & 0xF0) * xp[xo + 16 + j])
+        off0 += _half_at(p, bo + 2) * x_sums[b]
+    total = np.float32(0.0)
+    for j in range(16):
+        total += lanes[j] + lanes[16 + j]
+    return total + (off0 + off1)
+
+
+# The fifth bit of value j is masked in place (h & 2**j) and converted exactly to float, then
+# moved to its weight (16, or 256 for the high nibble's xs scaling) by an exact float product:
+# integer compares or variable shifts would run in 64-bit lanes.
+_BITS = np.array([1 << j for j in range(16)], dtype=np.uint32)
+_LOW_BIT_SCALE = np.array([16.0 / (1 << j) for j in range(16)], dtype=np.float32)
+_HIGH_BIT_SCALE = np.array([256.0 / (1 << j) for j in range(16)], dtype=np.float32)
+
+
+@njit(nogil=True, inline="always")
+def _q5_block(p, q_at, h, xp, xo, j):
+    """Sum of the two 5-bit codes at position j times x (xs layout)."""
+    q = p[q_at + j]
+    lo = np.float32(q & 15) + np.float32(h & _BITS[j]) * _LOW_BIT_SCALE[j]
+    hi = np.float32(q & 0xF0) + np.float32((h >> np.uint32(16)) & _BITS[j]) * _HIGH_BIT_SCALE[j]
+    return lo * xp[xo + j] + hi * xp[xo + 16 + j]
+
+
+@njit(nogil=True, inline="always")
+def _dot_q5_0(p, o, xp, x_sums, nb, lanes):
+    # d * (q - 16) . x = d * (q . x) - 16 * d * sum(x)
+    for j in range(32):
+        lanes[j] = 0.0
+    off0 = np.float32(0.0)
+    off1 = np.float32(0.0)
+    for b in range(0, nb - 1, 2):
+        bo = o + b * 22
+        d0 = _half_at(p, bo)
+        d1 = _half_at(p, bo + 22)
+        h0 = _u32_at(p, bo + 2)
+        h1 = _u32_at(p, bo + 24)
+        xo = b * 32
+        for j in range(16):
+            lanes[j] += d0 * _q5_block(p, bo + 6, h0, xp, xo, j)
+            lanes[16 + j] += d1 * _q5_block(p, bo + 28, h1, xp, xo + 32, j)
+        off0 += d0 * x_sums[b]
+        off1 += d1 * x_sums[b + 1]
+    if nb % 2:
+        b = nb - 1
+        bo = o + b * 22
+        d0 = _half_at(p, bo)
+        h0 = _u32_at(p, bo + 2)
+        xo = b * 32
+        for j in range(16):
+            lanes[j] += d0 * _q5_block(p, bo + 6, h0, xp, xo, j)
+        off0 += d0 * x_sums[b]
+    total = np.float32(0.0)
+    for j in range(16):
+        total += lanes[j] + lanes[16 + j]
+    return total - np.float32(16) * (off0 + off1)
+
+
+@njit(nogil=True, inline="always")
+def _dot_q5_1(p, o, xp, x_sums, nb, lanes):
+    for j in range(32):
+        lanes[j] = 0.0
+    off0 = np.float32(0.0)
+    off1 = np.float32(0.0)
+    for b in range(0, nb - 1, 2):
+        bo = o + b * 24
+        d0 = _half_at(p, bo)
+        d1 = _half_at(p, bo + 24)
+        h0 = _u32_at(p, bo + 4)
+        h1 = _u32_at(p, bo + 28)
+        xo = b * 32
+        for j in range(16):
+            lanes[j] += d0 * _q5_block(p, bo + 8, h0, xp, xo, j)
+            lanes[16 + j] += d1 * _q5_block(p, bo + 32, h1, xp, xo + 32, j)
+        off0 += _half_at(p, bo + 2) * x_sums[b]
+        off1 += _half_at(p, bo + 26) * x_sums[b + 1]
+    if nb % 2:
+        b = nb - 1
+        bo = o + b * 24
+        d0 = _half_at(p, bo)
+        h0 = _u32_at(p, bo + 4)
+        xo = b * 32
+        for j in range(16):
+            lanes[j] += d0 * _q5_block(p, bo + 8, h0, xp, xo, j)
+        off0 += _half_at(p, bo + 2) * x_sums[b]
+    total = np.float32(0.0)
+    for j in range(16):
+        total += lanes[j] + lanes[16 + j]
+    return total + (off0 + off1)
+
+
+@njit(nogil=True, inline="always")
+def _dot_q8_0(p, o, xp, x_sums, nb, lanes):
+    for j in range(32):
+        lanes[j] = 0.0
+    for b in range(0, nb - 1, 2):
+        bo = o + b * 34
+        d0 = _half_at(p, bo)
+        d1 = _half_at(p, bo + 34)
+        xo = b * 32
+        for j in range(16):
+            lanes[j] += d0 * (np.float32(np.int8(p[bo + 2 + j])) * xp[xo + j]
+                              + np.float32(np.int8(p[bo + 18 + j])) * xp[xo + 16 + j])
+            lanes[16 + j] += d1 * (np.float32(np.int8(p[bo + 36 + j])) * xp[xo + 32 + j]
+                                   + np.float32(np.int8(p[bo + 52 + j])) * xp[xo + 48 + j])
+    if nb % 2:
+        b = nb - 1
+        bo = o + b * 34
+        d0 = _half_at(p, bo)
+        xo = b * 32
+        for j in range(16):
+            lanes[j] += d0 * (np.float32(np.int8(p[bo + 2 + j])) * xp[xo + j]
+                              + np.float32(np.int8(p[bo + 18 + j])) * xp[xo + 16 + j])
+    total = np.float32(0.0)
+    for j in range(16):
+        total += lanes[j] + lanes[16 + j]
+    return total
+
+
+@njit(nogil=True, inline="always")
+def _dot(kind, p, o, xp, x_sums, nb, lanes):
     if kind == _Q4_0:
-        return _dot_q4_0(row, x, lanes)
+        return _dot_q4_0(p, o, xp, x_sums, nb, lanes)
     if kind == _Q4_1:
-        return _dot_q4_1(row, x, x_sums, lanes)
+        return _dot_q4_1(p, o, xp, x_sums, nb, lanes)
     if kind == _Q5_0:
-        return _dot_q5_0(row, x, lanes)
+        return _dot_q5_0(p, o, xp, x_sums, nb, lanes)
     if kind == _Q5_1:
-        return _dot_q5_1(row, x, x_sums, lanes)
-    return _dot_q8_0(row, x, lanes)
+        return _dot_q5_1(p, o, xp, x_sums, nb, lanes)
+    return _dot_q8_0(p, o, xp, x_sums, nb, lanes)
 
 
-@njit(**_OPTIONS, parallel=True)
+@njit(cache=True, nogil=True, parallel=True)
 def _matvec(raw, x, out, kind):
-    """out = raw @ x in chunks of _ROW_CHUNK rows, each chunk with its own 32 accumulator lanes;
-    Q4_1/Q5_1 also need the block sums of x for their offsets. `kind` is made a compile-time
-    constant so each format gets its own specialization with the dispatch folded away."""
+    """out = raw @ x in chunks of _ROW_CHUNK rows; `kind` is a compile-time constant so each
+    format gets its own specialization with the dispatch folded away."""
     literally(kind)
-    x_sums = np.empty(x.shape[0] // BLOCK, dtype=np.float32)
-    if kind == _Q4_1 or kind == _Q5_1:
-        _block_sums(x, x_sums)
+    nb = x.shape[0] // BLOCK
+    x_sums = np.empty(nb, dtype=np.float32)
+    xs = np.empty(x.shape[0], dtype=np.float32)
+    _prepare_x(x, xs, x_sums)
     rows = raw.shape[0]
-    chunks = (rows + _ROW_CHUNK - 1) // _ROW_CHUNK
-    lanes = np.empty((chunks, BLOCK), dtype=np.float32)
-    for c in prange(chunks):
+    row_bytes = raw.shape[1]
+    for c in prange((rows + _ROW_CHUNK - 1) // _ROW_CHUNK):
+        lanes = numba.carray(stack_pointer(32), 32)
+        p = data_pointer(raw)
+        xp = data_pointer(x) if kind == _Q8_0 else data_pointer(xs)
+        sp = data_pointer(x_sums)
         for r in range(c * _ROW_CHUNK, min(rows, (c + 1) * _ROW_CHUNK)):
-            out[r] = _dot(kind, raw[r], x, x_sums, lanes[c])
+            out[r] = _dot(kind, p, r * row_bytes, xp, sp, nb, lanes)
+
+
+@njit(**_OPTIONS)
+def matvec_q4_0(raw, x, out):
+    _matvec(raw, x, out, _Q4_0)
+
+
+@njit(**_OPTIONS)
+def matvec_q4_1(raw, x, out):
+    _matvec(raw, x, out, _Q4_1)
+
+
+@njit(**_OPTIONS)
+def matvec_q5_0(raw, x, out):
+    _matvec(raw, x, out, _Q5_0)
+
+
+@njit(**_OPTIONS)
+def matvec_q5_1(raw, x, out):
+    _matvec(raw, x, out, _Q5_1)
+
+
+@njit(**_OPTIONS)
+def matvec_q8_0(raw, x, out):
+    _matvec(raw, x, out, _Q8_0)
 
 
 @njit(**_OPTIONS)
@@ -135,25 +360,6 @@ def _decode_q4_0(row, out):
             values[16 + j] = d * np.float32(np.int32(qs[j] >> 4) - 8)
 
 
-@njit(**_OPTIONS)
-def _dot_q4_0(row, x, lanes):
-    lanes[:] = 0
-    for b in range(x.shape[0] // BLOCK):
-        o = b * 18
-        d = load_half(row, o)
-        qs = row[o + 2:o + 18]
-        xb = x[b * BLOCK:(b + 1) * BLOCK]
-        for j in range(16):
-            lanes[j] += d * (np.float32(np.int32(qs[j] & 15) - 8) * xb[j])
-            lanes[16 + j] += d * (np.float32(np.int32(qs[j] >> 4) - 8) * xb[16 + j])
-    return _lane_sum(lanes)
-
-
-@njit(**_OPTIONS)
-def matvec_q4_0(raw, x, out):
-    _matvec(raw, x, out, _Q4_0)
-
-
 @njit(**_OPTIONS, parallel=True, fastmath=True)
 def matmul_q4_0(raw, X, out):
     rows, cols = raw.shape[0], X.shape[1]
@@ -184,27 +390,6 @@ def _decode_q4_1(row, out):
         for j in range(16):
             values[j] = d * np.float32(qs[j] & 15) + m
             values[16 + j] = d * np.float32(qs[j] >> 4) + m
-
-
-@njit(**_OPTIONS)
-def _dot_q4_1(row, x, x_sums, lanes):
-    lanes[:] = 0
-    offsets = np.float32(0.0)
-    for b in range(x_sums.shape[0]):
-        o = b * 20
-        d = load_half(row, o)
-        qs = row[o + 4:o + 20]
-        xb = x[b * BLOCK:(b + 1) * BLOCK]
-        for j in range(16):
-            lanes[j] += d * (np.float32(qs[j] & 15) * xb[j])
-            lanes[16 + j] += d * (np.float32(qs[j] >> 4) * xb[16 + j])
-        offsets += load_half(row, o + 2) * x_sums[b]
-    return _lane_sum(lanes) + offsets
-
-
-@njit(**_OPTIONS)
-def matvec_q4_1(raw, x, out):
-    _matvec(raw, x, out, _Q4_1)
 
 
 @njit(**_OPTIONS, parallel=True, fastmath=True)
@@ -240,29 +425,6 @@ def _decode_q5_0(row, out):
             top = (q >> 4) | (((high >> (j + 16)) & 1) << 4)
             values[j] = d * np.float32(np.int32(low) - 16)
             values[16 + j] = d * np.float32(np.int32(top) - 16)
-
-
-@njit(**_OPTIONS)
-def _dot_q5_0(row, x, lanes):
-    lanes[:] = 0
-    for b in range(x.shape[0] // BLOCK):
-        o = b * 22
-        d = load_half(row, o)
-        high = _high_bits(row, o + 2)
-        xb = x[b * BLOCK:(b + 1) * BLOCK]
-        qs = row[o + 6:o + 22]
-        for j in range(16):
-            q = np.uint32(qs[j])
-            low = (q & 15) | (((high >> j) & 1) << 4)
-            top = (q >> 4) | (((high >> (j + 16)) & 1) << 4)
-            lanes[j] += d * (np.float32(np.int32(low) - 16) * xb[j])
-            lanes[16 + j] += d * (np.float32(np.int32(top) - 16) * xb[16 + j])
-    return _lane_sum(lanes)
-
-
-@njit(**_OPTIONS)
-def matvec_q5_0(raw, x, out):
-    _matvec(raw, x, out, _Q5_0)
 
 
 @njit(**_OPTIONS, parallel=True, fastmath=True)
@@ -301,31 +463,6 @@ def _decode_q5_1(row, out):
             values[16 + j] = d * np.float32(top) + m
 
 
-@njit(**_OPTIONS)
-def _dot_q5_1(row, x, x_sums, lanes):
-    lanes[:] = 0
-    offsets = np.float32(0.0)
-    for b in range(x_sums.shape[0]):
-        o = b * 24
-        d = load_half(row, o)
-        high = _high_bits(row, o + 4)
-        xb = x[b * BLOCK:(b + 1) * BLOCK]
-        qs = row[o + 8:o + 24]
-        for j in range(16):
-            q = np.uint32(qs[j])
-            low = (q & 15) | (((high >> j) & 1) << 4)
-            top = (q >> 4) | (((high >> (j + 16)) & 1) << 4)
-            lanes[j] += d * (np.float32(low) * xb[j])
-            lanes[16 + j] += d * (np.float32(top) * xb[16 + j])
-        offsets += load_half(row, o + 2) * x_sums[b]
-    return _lane_sum(lanes) + offsets
-
-
-@njit(**_OPTIONS)
-def matvec_q5_1(raw, x, out):
-    _matvec(raw, x, out, _Q5_1)
-
-
 @njit(**_OPTIONS, parallel=True, fastmath=True)
 def matmul_q5_1(raw, X, out):
     rows, cols = raw.shape[0], X.shape[1]
@@ -354,24 +491,6 @@ def _decode_q8_0(row, out):
         values = out[b * BLOCK:(b + 1) * BLOCK]
         for j in range(BLOCK):
             values[j] = np.float32(np.int8(qs[j])) * d
-
-
-@njit(**_OPTIONS)
-def _dot_q8_0(row, x, lanes):
-    lanes[:] = 0
-    for b in range(x.shape[0] // BLOCK):
-        o = b * 34
-        d = load_half(row, o)
-        qs = row[o + 2:o + 34]
-        xb = x[b * BLOCK:(b + 1) * BLOCK]
-        for j in range(BLOCK):
-            lanes[j] += d * (np.float32(np.int8(qs[j])) * xb[j])
-    return _lane_sum(lanes)
-
-
-@njit(**_OPTIONS)
-def matvec_q8_0(raw, x, out):
-    _matvec(raw, x, out, _Q8_0)
 
 
 @njit(**_OPTIONS, parallel=True, fastmath=True)

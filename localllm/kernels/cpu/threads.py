@@ -6,6 +6,7 @@ kept here and every parallel kernel wrapper calls `apply_threads()` before it la
 """
 
 import os
+import threading
 
 import numba
 
@@ -14,6 +15,9 @@ from localllm.errors import InvalidParameterError
 THREADS_ENV_VAR = "LOCALLLM_THREADS"
 
 _requested = numba.config.NUMBA_NUM_THREADS
+# What this Python thread last gave Numba: asking Numba itself (get_num_threads) costs several
+# microseconds, paid on every kernel call of a decode step.
+_applied = threading.local()
 
 
 def max_threads() -> int:
@@ -33,6 +37,7 @@ def set_threads(n: int) -> None:
         )
     _requested = n
     numba.set_num_threads(n)
+    _applied.count = n
 
 
 def get_threads() -> int:
@@ -41,8 +46,9 @@ def get_threads() -> int:
 
 def apply_threads() -> None:
     """Make the calling Python thread use the requested count (cheap when it already does)."""
-    if numba.get_num_threads() != _requested:
+    if getattr(_applied, "count", None) != _requested:
         numba.set_num_threads(_requested)
+        _applied.count = _requested
 
 
 def threads_from_environment() -> int:
