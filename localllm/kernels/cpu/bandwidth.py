@@ -14,9 +14,12 @@ def _streaming_sum(data):
     chunks = data.shape[0] // _LANES
     partial = np.zeros(_LANES, dtype=np.float64)
     for lane in prange(_LANES):
+        # A slice indexed from zero: a computed index would add Numba's negative-index fix-up
+        # to every load and make the sum compute-bound instead of memory-bound.
+        chunk = data[lane * chunks:(lane + 1) * chunks]
         acc = np.float32(0.0)
-        for j in range(lane * chunks, (lane + 1) * chunks):
-            acc += data[j]
+        for j in range(chunk.shape[0]):
+            acc += chunk[j]
         partial[lane] = acc
     return partial.sum()
 
