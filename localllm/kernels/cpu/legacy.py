@@ -72,78 +72,27 @@ def _prepare_x(x, xs, x_sums):
 _Q4_0, _Q4_1, _Q5_0, _Q5_1, _Q8_0 = range(5)
 
 
-# Each _dot_* reads one row at p[o:] (p: the weight matrix's data pointer), xp: the prepared
-# activations (xs for the nibble formats, x itself for Q8_0), x_sums: block sums of x, nb: blocks
-# per row, lanes: 32 stack floats. Two blocks per iteration go to two independent 16-lane sets;
-# inside a block the low and high halves are summed per position before the block scale.
+@njit(nogil=True, inline="always")
+def _layout(kind):
+    """Bytes per block, and where in a block its 16 bytes of low bits start."""
+    if kind == _Q4_0:
+        return 18, 2
+    if kind == _Q4_1:
+        return 20, 4
+    if kind == _Q5_0:
+        return 22, 6
+    if kind == _Q5_1:
+        return 24, 8
+    return 34, 2
 
 
 @njit(nogil=True, inline="always")
-def _dot_q4_0(p, o, xp, x_sums, nb, lanes):
-    # d * (q - 8) . x = d * (q . x) - 8 * d * sum(x)
-    for j in range(32):
-        lanes[j] = 0.0
-    off0 = np.float32(0.0)
-    off1 = np.float32(0.0)
-    for b in range(0, nb - 1, 2):
-        bo = o + b * 18
-        d0 = _half_at(p, bo)
-        d1 = _half_at(p, bo + 18)
-        xo = b * 32
-        for j in range(16):
-            q = p[bo + 2 + j]
-            lanes[j] += d0 * (np.float32(q & 15) * xp[xo + j] + np.float32(q & 0xF0) * xp[xo + 16 + j])
-            q = p[bo + 20 + j]
-            lanes[16 + j] += d1 * (np.float32(q & 15) * xp[xo + 32 + j] + np.float32(q & 0xF0) * xp[xo + 48 + j])
-        off0 += d0 * x_sums[b]
-        off1 += d1 * x_sums[b + 1]
-    if nb % 2:
-        b = nb - 1
-        bo = o + b * 18
-        d0 = _half_at(p, bo)
-        xo = b * 32
-        for j in range(16):
-            q = p[bo + 2 + j]
-            lanes[j] += d0 * (np.float32(q & 15) * xp[xo + j] + np.float32(q & 0xF0) * xp[xo + 16 + j])
-        off0 += d0 * x_sums[b]
-    total = np.float32(0.0)
-    for j in range(16):
-        total += lanes[j] + lanes[16 + j]
-    return total - np.float32(8) * (off0 + off1)
-
-
-@njit(nogil=True, inline="always")
-def _dot_q4_1(p, o, xp, x_sums, nb, lanes):
-    # (d * q + m) . x = d * (q . x) + m * sum(x)
-    for j in range(32):
-        lanes[j] = 0.0
-    off0 = np.float32(0.0)
-    off1 = np.float32(0.0)
-    for b in range(0, nb - 1, 2):
-        bo = o + b * 20
-        d0 = _half_at(p, bo)
-        d1 = _half_at(p, bo + 20)
-        xo = b * 32
-        for j in range(16):
-            q = p[bo + 4 + j]
-            lanes[j] += d0 * (np.float32(q & 15) * xp[xo + j] + np.float32(q & 0xF0) * xp[xo + 16 + j])
-            q = p[bo + 24 + j]
-            lanes[16 + j] += d1 * (np.float32(q & 15) * xp[xo + 32 + j] + np.float32(q & 0xF0) * xp[xo + 48 + j])
-        off0 += _half_at(p, bo + 2) * x_sums[b]
-        off1 += _half_at(p, bo + 22) * x_sums[b + 1]
-    if nb % 2:
-        b = nb - 1
-        bo = o + b * 20
-        d0 = _half_at(p, bo)
-        xo = b * 32
-        for j in range(16):
-            q = p[bo + 4 + j]
-            lanes[j] += d0 * (np.float32(q & 15) * xp[xo + j] + np.float32(q & 0xF0) * xp[xo + 16 + j])
-        off0 += _half_at(p, bo + 2) * x_sums[b]
-    total = np.float32(0.0)
-    for j in range(16):
-        total += lanes[j] + lanes[16 + j]
-    return total + (off0 + off1)
+def _fifth_bits(kind, p, bo):
+    if kind == _Q5_0:
+        return _u32_at(p, bo + 2)
+    if kind == _Q5_1:
+        return _u32_at(p, bo + 4)
+    return np.uint32(0)
 
 
 # The fifth bit of value j is masked in place (h & 2**j) and converted exactly to float, then
@@ -164,111 +113,74 @@ def _q5_block(p, q_at, h, xp, xo, j):
 
 
 @njit(nogil=True, inline="always")
-def _dot_q5_0(p, o, xp, x_sums, nb, lanes):
-    # d * (q - 16) . x = d * (q . x) - 16 * d * sum(x)
-    for j in range(32):
-        lanes[j] = 0.0
-    off0 = np.float32(0.0)
-    off1 = np.float32(0.0)
-    for b in range(0, nb - 1, 2):
-        bo = o + b * 22
-        d0 = _half_at(p, bo)
-        d1 = _half_at(p, bo + 22)
-        h0 = _u32_at(p, bo + 2)
-        h1 = _u32_at(p, bo + 24)
-        xo = b * 32
-        for j in range(16):
-            lanes[j] += d0 * _q5_block(p, bo + 6, h0, xp, xo, j)
-            lanes[16 + j] += d1 * _q5_block(p, bo + 28, h1, xp, xo + 32, j)
-        off0 += d0 * x_sums[b]
-        off1 += d1 * x_sums[b + 1]
-    if nb % 2:
-        b = nb - 1
-        bo = o + b * 22
-        d0 = _half_at(p, bo)
-        h0 = _u32_at(p, bo + 2)
-        xo = b * 32
-        for j in range(16):
-            lanes[j] += d0 * _q5_block(p, bo + 6, h0, xp, xo, j)
-        off0 += d0 * x_sums[b]
-    total = np.float32(0.0)
-    for j in range(16):
-        total += lanes[j] + lanes[16 + j]
-    return total - np.float32(16) * (off0 + off1)
+def _pair(kind, p, codes, h, xp, xo, j):
+    """Values j and j + 16 of the block whose codes start at p[codes], times x, before the
+    block scale (xp in the xs layout for the nibble formats, plain x for Q8_0)."""
+    if kind == _Q8_0:
+        return (np.float32(np.int8(p[codes + j])) * xp[xo + j]
+                + np.float32(np.int8(p[codes + 16 + j])) * xp[xo + 16 + j])
+    if kind == _Q5_0 or kind == _Q5_1:
+        return _q5_block(p, codes, h, xp, xo, j)
+    q = p[codes + j]
+    return np.float32(q & 15) * xp[xo + j] + np.float32(q & 0xF0) * xp[xo + 16 + j]
 
 
 @njit(nogil=True, inline="always")
-def _dot_q5_1(p, o, xp, x_sums, nb, lanes):
-    for j in range(32):
-        lanes[j] = 0.0
-    off0 = np.float32(0.0)
-    off1 = np.float32(0.0)
-    for b in range(0, nb - 1, 2):
-        bo = o + b * 24
-        d0 = _half_at(p, bo)
-        d1 = _half_at(p, bo + 24)
-        h0 = _u32_at(p, bo + 4)
-        h1 = _u32_at(p, bo + 28)
-        xo = b * 32
-        for j in range(16):
-            lanes[j] += d0 * _q5_block(p, bo + 8, h0, xp, xo, j)
-            lanes[16 + j] += d1 * _q5_block(p, bo + 32, h1, xp, xo + 32, j)
-        off0 += _half_at(p, bo + 2) * x_sums[b]
-        off1 += _half_at(p, bo + 26) * x_sums[b + 1]
-    if nb % 2:
-        b = nb - 1
-        bo = o + b * 24
-        d0 = _half_at(p, bo)
-        h0 = _u32_at(p, bo + 4)
-        xo = b * 32
-        for j in range(16):
-            lanes[j] += d0 * _q5_block(p, bo + 8, h0, xp, xo, j)
-        off0 += _half_at(p, bo + 2) * x_sums[b]
-    total = np.float32(0.0)
-    for j in range(16):
-        total += lanes[j] + lanes[16 + j]
-    return total + (off0 + off1)
+def _offset_scale(kind, p, bo, d):
+    """What multiplies a block's sum of x: m for Q4_1/Q5_1; d for the others, whose constant
+    offset (-8, -16; none for Q8_0) is applied once per row in _with_offsets."""
+    if kind == _Q4_1 or kind == _Q5_1:
+        return _half_at(p, bo + 2)
+    return d
 
 
 @njit(nogil=True, inline="always")
-def _dot_q8_0(p, o, xp, x_sums, nb, lanes):
-    for j in range(32):
-        lanes[j] = 0.0
-    for b in range(0, nb - 1, 2):
-        bo = o + b * 34
-        d0 = _half_at(p, bo)
-        d1 = _half_at(p, bo + 34)
-        xo = b * 32
-        for j in range(16):
-            lanes[j] += d0 * (np.float32(np.int8(p[bo + 2 + j])) * xp[xo + j]
-                              + np.float32(np.int8(p[bo + 18 + j])) * xp[xo + 16 + j])
-            lanes[16 + j] += d1 * (np.float32(np.int8(p[bo + 36 + j])) * xp[xo + 32 + j]
-                                   + np.float32(np.int8(p[bo + 52 + j])) * xp[xo + 48 + j])
-    if nb % 2:
-        b = nb - 1
-        bo = o + b * 34
-        d0 = _half_at(p, bo)
-        xo = b * 32
-        for j in range(16):
-            lanes[j] += d0 * (np.float32(np.int8(p[bo + 2 + j])) * xp[xo + j]
-                              + np.float32(np.int8(p[bo + 18 + j])) * xp[xo + 16 + j])
-    total = np.float32(0.0)
-    for j in range(16):
-        total += lanes[j] + lanes[16 + j]
-    return total
+def _with_offsets(kind, total, offsets):
+    if kind == _Q4_0:
+        return total - np.float32(8) * offsets
+    if kind == _Q5_0:
+        return total - np.float32(16) * offsets
+    if kind == _Q8_0:
+        return total
+    return total + offsets
 
 
 @njit(nogil=True, inline="always")
 def _dot(kind, p, o, xp, x_sums, nb, lanes):
-    if kind == _Q4_0:
-        return _dot_q4_0(p, o, xp, x_sums, nb, lanes)
-    if kind == _Q4_1:
-        return _dot_q4_1(p, o, xp, x_sums, nb, lanes)
-    if kind == _Q5_0:
-        return _dot_q5_0(p, o, xp, x_sums, nb, lanes)
-    if kind == _Q5_1:
-        return _dot_q5_1(p, o, xp, x_sums, nb, lanes)
-    return _dot_q8_0(p, o, xp, x_sums, nb, lanes)
+    """One row at p[o:] (p: the weight matrix's data pointer) times the prepared activations
+    xp; x_sums: block sums of x, nb: blocks per row, lanes: 32 stack floats. Two blocks per
+    iteration go to two independent 16-lane sets; inside a block the values j and j + 16 are
+    summed per position before the block scale."""
+    size, codes = _layout(kind)
+    for j in range(32):
+        lanes[j] = 0.0
+    off0 = np.float32(0.0)
+    off1 = np.float32(0.0)
+    for b in range(0, nb - 1, 2):
+        bo = o + b * size
+        d0 = _half_at(p, bo)
+        d1 = _half_at(p, bo + size)
+        h0 = _fifth_bits(kind, p, bo)
+        h1 = _fifth_bits(kind, p, bo + size)
+        xo = b * 32
+        for j in range(16):
+            lanes[j] += d0 * _pair(kind, p, bo + codes, h0, xp, xo, j)
+            lanes[16 + j] += d1 * _pair(kind, p, bo + size + codes, h1, xp, xo + 32, j)
+        off0 += _offset_scale(kind, p, bo, d0) * x_sums[b]
+        off1 += _offset_scale(kind, p, bo + size, d1) * x_sums[b + 1]
+    if nb % 2:
+        b = nb - 1
+        bo = o + b * size
+        d0 = _half_at(p, bo)
+        h0 = _fifth_bits(kind, p, bo)
+        xo = b * 32
+        for j in range(16):
+            lanes[j] += d0 * _pair(kind, p, bo + codes, h0, xp, xo, j)
+        off0 += _offset_scale(kind, p, bo, d0) * x_sums[b]
+    total = np.float32(0.0)
+    for j in range(16):
+        total += lanes[j] + lanes[16 + j]
+    return _with_offsets(kind, total, off0 + off1)
 
 
 @njit(cache=True, nogil=True, parallel=True)
