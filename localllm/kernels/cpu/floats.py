@@ -52,9 +52,10 @@ def bfloat_to_float(typingctx, bits):
     return types.float32(bits), codegen
 
 
-@njit(**_OPTIONS)
+@njit(nogil=True, inline="always")
 def load_half(row, offset):
-    """The f16 stored little-endian at row[offset:offset + 2], as float32."""
+    """The f16 stored little-endian at row[offset:offset + 2] (an array or a raw pointer), as
+    float32. Inlined at Numba level: the matvec loops call it per block."""
     return half_to_float(np.uint16(row[offset]) | (np.uint16(row[offset + 1]) << np.uint16(8)))
 
 

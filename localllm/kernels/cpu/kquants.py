@@ -40,7 +40,7 @@ import numpy as np
 from gguf import GGMLQuantizationType
 from numba import njit, prange
 
-from localllm.kernels.cpu.floats import half_to_float, load_half
+from localllm.kernels.cpu.floats import load_half
 from localllm.kernels.cpu.pointers import data_pointer, stack_pointer
 
 QK_K = 256
@@ -55,11 +55,6 @@ _FAST = {"reassoc", "contract", "nsz"}
 _CONTRACT = {"contract"}
 
 Q = GGMLQuantizationType
-
-
-@njit(nogil=True, inline="always")
-def _half(row, offset):
-    return half_to_float(np.uint16(row[offset]) | (np.uint16(row[offset + 1]) << np.uint16(8)))
 
 
 # Block decoders: exact dequantization of one block at row[o:] into w[0:256].
@@ -387,11 +382,11 @@ def matvec_q4_k(raw, x, out):
             for k in range(n_blocks):
                 o = r * row_bytes + k * 144
                 _q4_k_scales_mins(p, o, scales, mins)
-                d = _half(p, o)
+                d = load_half(p, o)
                 block_shift = np.float32(0.0)
                 for j in range(8):
                     block_shift += mins[j] * sums32[8 * k + j]
-                shifted += _half(p, o + 2) * block_shift
+                shifted += load_half(p, o + 2) * block_shift
                 for j in range(4):
                     qo = o + 16 + 32 * j
                     xo = k * QK_K + 64 * j
@@ -435,7 +430,7 @@ def matvec_q6_k(raw, x, out):
                 lanes[l] = 0.0
             for k in range(n_blocks):
                 o = r * row_bytes + k * 210
-                d = _half(p, o + 208)
+                d = load_half(p, o + 208)
                 for i in range(16):
                     s = d * np.float32(np.int8(p[o + 192 + i]))
                     low[i] = s * _Q6_LOW_FACTOR[i]
@@ -488,7 +483,7 @@ def matvec_tq2_0(raw, x, out):
             shifted = np.float32(0.0)
             for k in range(n_blocks):
                 o = k * 66
-                d = _half(row, o + 64)
+                d = load_half(row, o + 64)
                 # (q - 1) summed against x is (sum of q*x) - (sum of x).
                 shifted += d * sums[k]
                 d1 = d * np.float32(1 / 4)

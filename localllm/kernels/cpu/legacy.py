@@ -32,7 +32,7 @@ import numpy as np
 from gguf import GGMLQuantizationType
 from numba import literally, njit, prange
 
-from localllm.kernels.cpu.floats import half_to_float, load_half
+from localllm.kernels.cpu.floats import load_half
 from localllm.kernels.cpu.pointers import data_pointer, stack_pointer
 
 _OPTIONS = dict(cache=True, nogil=True)
@@ -45,14 +45,10 @@ _ACTIVATION_TILE = 4
 
 
 @njit(nogil=True, inline="always")
-def _half_at(p, o):
-    return half_to_float(np.uint16(p[o]) | (np.uint16(p[o + 1]) << np.uint16(8)))
-
-
-@njit(nogil=True, inline="always")
-def _u32_at(p, o):
-    return (np.uint32(p[o]) | (np.uint32(p[o + 1]) << np.uint32(8))
-            | (np.uint32(p[o + 2]) << np.uint32(16)) | (np.uint32(p[o + 3]) << np.uint32(24)))
+def _high_bits(row, offset):
+    """The little-endian u32 of fifth bits at row[offset:] (an array or a raw pointer)."""
+    return (np.uint32(row[offset]) | (np.uint32(row[offset + 1]) << np.uint32(8))
+            | (np.uint32(row[offset + 2]) << np.uint32(16)) | (np.uint32(row[offset + 3]) << np.uint32(24)))
 
 
 @njit(cache=True, nogil=True)
@@ -89,9 +85,9 @@ def _layout(kind):
 @njit(nogil=True, inline="always")
 def _fifth_bits(kind, p, bo):
     if kind == _Q5_0:
-        return _u32_at(p, bo + 2)
+        return _high_bits(p, bo + 2)
     if kind == _Q5_1:
-        return _u32_at(p, bo + 4)
+        return _high_bits(p, bo + 4)
     return np.uint32(0)
 
 
@@ -130,7 +126,7 @@ def _offset_scale(kind, p, bo, d):
     """What multiplies a block's sum of x: m for Q4_1/Q5_1; d for the others, whose constant
     offset (-8, -16; none for Q8_0) is applied once per row in _with_offsets."""
     if kind == _Q4_1 or kind == _Q5_1:
-        return _half_at(p, bo + 2)
+        return load_half(p, bo + 2)
     return d
 
 
@@ -158,8 +154,8 @@ def _dot(kind, p, o, xp, x_sums, nb, lanes):
     off1 = np.float32(0.0)
     for b in range(0, nb - 1, 2):
         bo = o + b * size
-        d0 = _half_at(p, bo)
-        d1 = _half_at(p, bo + size)
+        d0 = load_half(p, bo)
+        d1 = load_half(p, bo + size)
         h0 = _fifth_bits(kind, p, bo)
         h1 = _fifth_bits(kind, p, bo + size)
         xo = b * 32
@@ -171,7 +167,7 @@ def _dot(kind, p, o, xp, x_sums, nb, lanes):
     if nb % 2:
         b = nb - 1
         bo = o + b * size
-        d0 = _half_at(p, bo)
+        d0 = load_half(p, bo)
         h0 = _fifth_bits(kind, p, bo)
         xo = b * 32
         for j in range(16):
@@ -226,12 +222,6 @@ def matvec_q5_1(raw, x, out):
 @njit(**_OPTIONS)
 def matvec_q8_0(raw, x, out):
     _matvec(raw, x, out, _Q8_0)
-
-
-@njit(**_OPTIONS)
-def _high_bits(row, offset):
-    return (np.uint32(row[offset]) | (np.uint32(row[offset + 1]) << np.uint32(8))
-            | (np.uint32(row[offset + 2]) << np.uint32(16)) | (np.uint32(row[offset + 3]) << np.uint32(24)))
 
 
 @njit(**_OPTIONS, fastmath=True)
