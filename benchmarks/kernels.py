@@ -2,7 +2,8 @@
 
     python benchmarks/kernels.py [--formats Q4_K Q8_0 ...] [--quick] [--skip-compile]
 
-Prints, per format: matvec weight GB/s on the qwen2.5-coder-1.5b shapes (cycling through
+Prints, per format: matvec weight GB/s (what decoding runs: activation rounding, then the
+integer kernel where there is one) on the qwen2.5-coder-1.5b shapes (cycling through
 enough random matrices that the working set is far larger than the L3 cache) and its ratio to
 the measured read bandwidth; matmul GFLOP/s (2*rows*cols*n / s), with the dequantize-to-BLAS
 alternative for comparison; and the cold and warm compile time of the whole kernel set.
@@ -25,7 +26,9 @@ from rich.table import Table
 
 from localllm.formats.quants import LAYOUTS
 from localllm.kernels.cpu import KERNELS, get_threads
+from localllm.kernels.cpu.activations import activation_codes, quantize_activations
 from localllm.kernels.cpu.bandwidth import read_bandwidth
+from localllm.kernels.cpu.products import INTEGER_MATVEC
 
 SHAPES = [(1536, 1536), (256, 1536), (8960, 1536), (1536, 8960), (151936, 1536)]
 QUICK_SHAPES = [(1536, 1536), (8960, 1536)]
@@ -65,9 +68,19 @@ def best_time(fn, repeats: int) -> float:
     return best
 
 
+def decode_matvec(qtype):
+    """What products.matvec runs for one 8-bit-rounded activation row, rounding included:
+    the integer kernel where there is one, else the float kernel."""
+    if qtype in INTEGER_MATVEC:
+        kernel = INTEGER_MATVEC[qtype]
+        return lambda raw, x, out: kernel(raw, *activation_codes(x, qtype), out)
+    kernel = KERNELS[qtype][0]
+    return lambda raw, x, out: kernel(raw, quantize_activations(x, qtype), out)
+
+
 def bench_matvec(qtype, shapes, bandwidth, quick, rng):
-    matvec_kernel = KERNELS[qtype][0]
-    row = [qtype.name]
+    matvec_kernel = decode_matvec(qtype)
+    row = [qtype.name + (" (integer)" if qtype in INTEGER_MATVEC else "")]
     for rows, cols in shapes:
         first = random_raw(qtype, rows, cols, rng)
         count = int(np.clip(MIN_WORKING_SET // first.nbytes + 1, 2, MATRICES))
@@ -100,7 +113,8 @@ def blas_matmul(dequantize_rows, raw, X, out):
 
 
 def bench_matmul(qtype, shapes, batches, quick, rng):
-    matvec_kernel, matmul_kernel, dequantize_rows = KERNELS[qtype]
+    _, matmul_kernel, dequantize_rows = KERNELS[qtype]
+    matvec_kernel = decode_matvec(qtype)
     lines = []
     for rows, cols in shapes:
         raw = random_raw(qtype, rows, cols, rng)
@@ -160,7 +174,7 @@ def main(argv=None) -> None:
     console.print(f"read bandwidth: {bandwidth:.1f} GB/s")
 
     for qtype in formats:
-        KERNELS[qtype][0](random_raw(qtype, 2, 256, rng), np.zeros(256, np.float32), np.empty(2, np.float32))
+        decode_matvec(qtype)(random_raw(qtype, 2, 256, rng), np.zeros(256, np.float32), np.empty(2, np.float32))
 
     table = Table(title="matvec: weight GB/s (ratio to read bandwidth)")
     table.add_column("format")

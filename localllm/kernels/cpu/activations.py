@@ -4,8 +4,10 @@ llama.cpp never multiplies a quantized weight by float activations: it first rou
 activation row to an 8-bit block format (ggml's `vec_dot_type` of the weight's type) and
 takes integer dot products. That rounding shifts logits by up to a few tenths, and on rows
 with outlier activations (Qwen2's first position, Gemma 3) by much more, so matching
-llama.cpp's logits means rounding the same way. The products here then run on the rounded
-values in float32, which equals ggml's integer arithmetic up to float32 rounding.
+llama.cpp's logits means rounding the same way. `activation_codes` gives the integer codes,
+scales and code sums (integer.py multiplies those, as ggml does); `quantize_activations` the
+rounded values as float32 (for the float kernels, equal to ggml's integer arithmetic up to
+float32 rounding).
 
 Formats (constants from ggml-quants.c / the x86 quantizers):
   Q8_0 and Q8_1  32-value blocks; d = amax / 127 stored as f16; q = round-half-even(x * 127 / amax);
@@ -31,6 +33,7 @@ _OPTIONS = dict(cache=True, nogil=True)
 
 Q8_0_BLOCK = 32
 Q8_K_BLOCK = 256
+Q8_K_SUM_GROUP = 16
 
 # The activation format ggml's CPU backend pairs with each weight type (`vec_dot_type`).
 ACTIVATION_BLOCK = {
@@ -55,64 +58,106 @@ def _round_to_half(value):
 
 
 @njit(**_OPTIONS)
-def _q8_0_row(x, out):
+def _q8_0_row(x, codes, scales, sums):
     for b in range(x.shape[0] // Q8_0_BLOCK):
         xb = x[b * Q8_0_BLOCK:(b + 1) * Q8_0_BLOCK]
-        ob = out[b * Q8_0_BLOCK:(b + 1) * Q8_0_BLOCK]
         amax = np.float32(0.0)
         for j in range(Q8_0_BLOCK):
             amax = max(amax, abs(xb[j]))
-        scale = _round_to_half(amax / np.float32(127.0))
+        scales[b] = _round_to_half(amax / np.float32(127.0))
         inverse = np.float32(127.0) / amax if amax != 0.0 else np.float32(0.0)
+        total = 0
         for j in range(Q8_0_BLOCK):
-            ob[j] = np.float32(np.rint(xb[j] * inverse)) * scale
+            code = np.int8(np.rint(xb[j] * inverse))
+            codes[b * Q8_0_BLOCK + j] = code
+            total += code
+        sums[b] = total
 
 
 @njit(**_OPTIONS)
-def _q8_k_row(x, out):
+def _q8_k_row(x, codes, scales, sums):
     for b in range(x.shape[0] // Q8_K_BLOCK):
         xb = x[b * Q8_K_BLOCK:(b + 1) * Q8_K_BLOCK]
-        ob = out[b * Q8_K_BLOCK:(b + 1) * Q8_K_BLOCK]
         amax = np.float32(0.0)
         signed_max = np.float32(0.0)
         for j in range(Q8_K_BLOCK):
             if abs(xb[j]) > amax:
                 amax = abs(xb[j])
                 signed_max = xb[j]
-        if amax == 0.0:
-            ob[:] = 0.0
-            continue
-        iscale = np.float32(-127.0) / signed_max
-        scale = np.float32(1.0) / iscale
-        for j in range(Q8_K_BLOCK):
-            ob[j] = np.float32(min(np.float32(127.0), np.rint(iscale * xb[j]))) * scale
+        iscale = np.float32(-127.0) / signed_max if amax != 0.0 else np.float32(0.0)
+        scales[b] = np.float32(1.0) / iscale if amax != 0.0 else np.float32(0.0)
+        for g in range(Q8_K_BLOCK // Q8_K_SUM_GROUP):
+            total = 0
+            for j in range(g * Q8_K_SUM_GROUP, (g + 1) * Q8_K_SUM_GROUP):
+                code = np.int8(min(np.float32(127.0), np.rint(iscale * xb[j])))
+                codes[b * Q8_K_BLOCK + j] = code
+                total += code
+            sums[b * (Q8_K_BLOCK // Q8_K_SUM_GROUP) + g] = total
 
 
 @njit(**_OPTIONS)
-def _quantize_row(x, block, out):
+def _codes_row(x, block, codes, scales, sums):
     if block == Q8_K_BLOCK:
-        _q8_k_row(x, out)
+        _q8_k_row(x, codes, scales, sums)
     else:
-        _q8_0_row(x, out)
+        _q8_0_row(x, codes, scales, sums)
 
 
 @njit(**_OPTIONS, parallel=True)
-def _quantize_rows(X, block, out):
+def _codes_rows(X, block, codes, scales, sums):
     for i in prange(X.shape[0]):
-        _quantize_row(X[i], block, out[i])
+        _codes_row(X[i], block, codes[i], scales[i], sums[i])
+
+
+def activation_codes(X: np.ndarray, qtype) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """X (float32, C-contiguous, last axis a multiple of `qtype`'s activation block) rounded to
+    8 bits the way llama.cpp rounds activations for `qtype` weights: int8 codes shaped like X,
+    float32 scales per block (a value is code * scale) and int32 sums of the codes per 16
+    values (Q8_K, ggml's bsums) or per block (Q8_0), for weights whose codes carry an offset."""
+    block = ACTIVATION_BLOCK[qtype]
+    rows = X.reshape(-1, X.shape[-1])
+    cols = rows.shape[1]
+    sum_group = Q8_K_SUM_GROUP if block == Q8_K_BLOCK else Q8_0_BLOCK
+    codes = np.empty(rows.shape, dtype=np.int8)
+    scales = np.empty((rows.shape[0], cols // block), dtype=np.float32)
+    sums = np.empty((rows.shape[0], cols // sum_group), dtype=np.int32)
+    if rows.shape[0] == 1:
+        # A decode step's single row: starting the thread pool would cost more than the work.
+        _codes_row(rows[0], block, codes[0], scales[0], sums[0])
+    else:
+        _codes_rows(rows, block, codes, scales, sums)
+    lead = X.shape[:-1]
+    return codes.reshape(X.shape), scales.reshape(*lead, -1), sums.reshape(*lead, -1)
+
+
+@njit(**_OPTIONS)
+def _values_row(x, block, out):
+    n = x.shape[0]
+    codes = np.empty(n, dtype=np.int8)
+    scales = np.empty(n // block, dtype=np.float32)
+    sums = np.empty(n // (Q8_K_SUM_GROUP if block == Q8_K_BLOCK else Q8_0_BLOCK), dtype=np.int32)
+    _codes_row(x, block, codes, scales, sums)
+    for j in range(n):
+        out[j] = np.float32(codes[j]) * scales[j // block]
+
+
+@njit(**_OPTIONS, parallel=True)
+def _values_rows(X, block, out):
+    for i in prange(X.shape[0]):
+        _values_row(X[i], block, out[i])
 
 
 def quantize_activations(X: np.ndarray, qtype) -> np.ndarray:
     """X (float32, C-contiguous, last axis a multiple of the block) rounded the way llama.cpp
-    rounds activations for products with `qtype` weights; X itself if that type has none."""
+    rounds activations for products with `qtype` weights, as float32 values; X itself if that
+    type has none."""
     block = ACTIVATION_BLOCK.get(qtype)
     if block is None:
         return X
     rows = X.reshape(-1, X.shape[-1])
     out = np.empty_like(rows)
     if rows.shape[0] == 1:
-        # A decode step's single row: starting the thread pool would cost more than the work.
-        _quantize_row(rows[0], block, out[0])
+        _values_row(rows[0], block, out[0])
     else:
-        _quantize_rows(rows, block, out)
+        _values_rows(rows, block, out)
     return out.reshape(X.shape)

@@ -23,11 +23,14 @@ import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from localllm.errors import KernelError
-from localllm.kernels.cpu import floats, kquants, legacy
-from localllm.kernels.cpu.activations import quantize_activations
+from localllm.kernels.cpu import floats, integer, kquants, legacy
+from localllm.kernels.cpu.activations import activation_codes, quantize_activations
 from localllm.kernels.cpu.threads import apply_threads
 
 KERNELS = {**floats.KERNELS, **legacy.KERNELS, **kquants.KERNELS}
+# matvec on integer activation codes (integer.py), where the machine has it: what llama.cpp
+# computes, exactly per block, and two to three times faster than the float kernels.
+INTEGER_MATVEC = integer.KERNELS if integer.AVAILABLE else {}
 
 MAX_MATMUL_ROWS = 512
 
@@ -99,6 +102,9 @@ def matvec(weight, x: np.ndarray, out: np.ndarray | None = None, *, quantize: bo
     _check_activations("x", x, 1, cols, getattr(weight, "name", "the weight"))
     out = _check_out(out, (rows,))
     apply_threads()
+    if quantize and qtype in INTEGER_MATVEC:
+        INTEGER_MATVEC[qtype](raw, *activation_codes(x, qtype), out)
+        return out
     if quantize:
         x = quantize_activations(x, qtype)
     KERNELS[qtype][0](raw, x, out)
@@ -113,13 +119,13 @@ def matmul(weight, X: np.ndarray, out: np.ndarray | None = None, *, quantize: bo
     if not 1 <= n <= MAX_MATMUL_ROWS:
         raise KernelError(f"matmul takes 1 to {MAX_MATMUL_ROWS} activation rows, got {n}")
     out = _check_out(out, (n, rows))
+    if n == 1:
+        matvec(weight, X[0], out[0], quantize=quantize)
+        return out
     apply_threads()
     if quantize:
         X = quantize_activations(X, qtype)
-    if n == 1:
-        KERNELS[qtype][0](raw, X[0], out[0])
-    else:
-        KERNELS[qtype][1](raw, X, out)
+    KERNELS[qtype][1](raw, X, out)
     return out
 
 
