@@ -222,7 +222,7 @@ def test_streaming_holds_back_split_characters(tokenizers, name):
     text = "日本語 🙂 é"
     # Emit the text one byte at a time via byte tokens or single-byte BPE pieces, which
     # splits every multi-byte character across tokens.
-    byte_ids = [next(i for i in range(tok.vocab_size) if tok._pieces[i] == bytes([b])) for b in text.encode()]
+    byte_ids = [next(i for i in range(tok.vocab_size) if tok.piece(i) == bytes([b])) for b in text.encode()]
     chunks = assert_streams_like_decode(tok, byte_ids)
     assert "\ufffd" not in "".join(chunks)
     assert [c for c in chunks if c] == list(text)
