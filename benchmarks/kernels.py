@@ -3,7 +3,7 @@
     python benchmarks/kernels.py [--formats Q4_K Q8_0 ...] [--quick] [--skip-compile]
 
 Prints, per format: matvec weight GB/s (what decoding runs: activation rounding, then the
-integer kernel where there is one) on the qwen2.5-coder-1.5b shapes (cycling through
+integer kernel where there is one, as for matmul) on the qwen2.5-coder-1.5b shapes (cycling through
 enough random matrices that the working set is far larger than the L3 cache) and its ratio to
 the measured read bandwidth; matmul GFLOP/s (2*rows*cols*n / s), with the dequantize-to-BLAS
 alternative for comparison; and the cold and warm compile time of the whole kernel set.
@@ -28,8 +28,10 @@ from localllm.formats.quants import LAYOUTS
 from localllm.kernels.cpu import KERNELS, get_threads
 from localllm.kernels.cpu.activations import activation_codes, quantize_activations
 from localllm.kernels.cpu.bandwidth import read_bandwidth
-from localllm.kernels.cpu.products import INTEGER_MATVEC
+from localllm.kernels.cpu.products import INTEGER_PRODUCTS
 
+# Long enough for OpenBLAS's spinning threads to go to sleep.
+BLAS_SETTLE_SECONDS = 0.5
 SHAPES = [(1536, 1536), (256, 1536), (8960, 1536), (1536, 8960), (151936, 1536)]
 QUICK_SHAPES = [(1536, 1536), (8960, 1536)]
 BATCHES = [1, 4, 16, 64, 128, 512]
@@ -68,19 +70,21 @@ def best_time(fn, repeats: int) -> float:
     return best
 
 
-def decode_matvec(qtype):
-    """What products.matvec runs for one 8-bit-rounded activation row, rounding included:
-    the integer kernel where there is one, else the float kernel."""
-    if qtype in INTEGER_MATVEC:
-        kernel = INTEGER_MATVEC[qtype]
-        return lambda raw, x, out: kernel(raw, *activation_codes(x, qtype), out)
-    kernel = KERNELS[qtype][0]
-    return lambda raw, x, out: kernel(raw, quantize_activations(x, qtype), out)
+def rounded_product(qtype, n):
+    """What products.matvec (n = 1) or matmul runs on 8-bit-rounded activations, rounding
+    included: the integer kernel where there is one, else the float kernel."""
+    if qtype in INTEGER_PRODUCTS:
+        kernel = INTEGER_PRODUCTS[qtype]
+        return lambda raw, X, out: kernel(raw, *activation_codes(X, qtype), out)
+    kernel = KERNELS[qtype][0 if n == 1 else 1]
+    if n == 1:
+        return lambda raw, X, out: kernel(raw, quantize_activations(X[0], qtype), out[0])
+    return lambda raw, X, out: kernel(raw, quantize_activations(X, qtype), out)
 
 
 def bench_matvec(qtype, shapes, bandwidth, quick, rng):
-    matvec_kernel = decode_matvec(qtype)
-    row = [qtype.name + (" (integer)" if qtype in INTEGER_MATVEC else "")]
+    matvec_kernel = rounded_product(qtype, 1)
+    row = [qtype.name + (" (integer)" if qtype in INTEGER_PRODUCTS else "")]
     for rows, cols in shapes:
         first = random_raw(qtype, rows, cols, rng)
         count = int(np.clip(MIN_WORKING_SET // first.nbytes + 1, 2, MATRICES))
@@ -88,8 +92,8 @@ def bench_matvec(qtype, shapes, bandwidth, quick, rng):
         if quick:
             count = min(count, 8)
         matrices = [first] + [random_raw(qtype, rows, cols, rng) for _ in range(count - 1)]
-        x = rng.standard_normal(cols, dtype=np.float32)
-        out = np.empty(rows, dtype=np.float32)
+        x = rng.standard_normal((1, cols), dtype=np.float32)
+        out = np.empty((1, rows), dtype=np.float32)
 
         def cycle():
             for raw in matrices:
@@ -113,28 +117,29 @@ def blas_matmul(dequantize_rows, raw, X, out):
 
 
 def bench_matmul(qtype, shapes, batches, quick, rng):
-    _, matmul_kernel, dequantize_rows = KERNELS[qtype]
-    matvec_kernel = decode_matvec(qtype)
+    dequantize_rows = KERNELS[qtype][2]
     lines = []
     for rows, cols in shapes:
         raw = random_raw(qtype, rows, cols, rng)
-        line = [f"{qtype.name} {rows}x{cols}"]
+        cases = []
         for n in batches:
             X = rng.standard_normal((n, cols), dtype=np.float32)
             out = np.empty((n, rows), dtype=np.float32)
             flops = 2.0 * rows * cols * n
             repeats = 1 if flops > 2e11 else (2 if quick else 3)
-            if n == 1:
-                seconds = best_time(lambda: matvec_kernel(raw, X[0], out[0]), repeats)
-                line.append(f"{flops / seconds / 1e9:.1f}")
-                continue
-            seconds = best_time(lambda: matmul_kernel(raw, X, out), repeats)
-            cell = f"{flops / seconds / 1e9:.1f}"
+            product = rounded_product(qtype, n)
+            seconds = best_time(lambda: product(raw, X, out), repeats)
+            cases.append((n, X, out, flops, repeats, f"{flops / seconds / 1e9:.1f}"))
+        # BLAS last: its idle threads spin for a while after each call and would slow
+        # whatever runs next on these two cores.
+        line = [f"{qtype.name} {rows}x{cols}"]
+        for n, X, out, flops, repeats, cell in cases:
             if n >= 64:
                 blas = best_time(lambda: blas_matmul(dequantize_rows, raw, X, out), repeats)
                 cell += f" / {flops / blas / 1e9:.1f}"
             line.append(cell)
         lines.append(line)
+        time.sleep(BLAS_SETTLE_SECONDS)
     return lines
 
 
@@ -174,7 +179,8 @@ def main(argv=None) -> None:
     console.print(f"read bandwidth: {bandwidth:.1f} GB/s")
 
     for qtype in formats:
-        decode_matvec(qtype)(random_raw(qtype, 2, 256, rng), np.zeros(256, np.float32), np.empty(2, np.float32))
+        rounded_product(qtype, 1)(random_raw(qtype, 2, 256, rng), np.zeros((1, 256), np.float32),
+                                  np.empty((1, 2), np.float32))
 
     table = Table(title="matvec: weight GB/s (ratio to read bandwidth)")
     table.add_column("format")

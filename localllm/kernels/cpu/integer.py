@@ -1,25 +1,29 @@
-"""Integer matvec on AVX2: 8-bit weight codes times 8-bit activation codes, as llama.cpp does it.
+"""Integer products on AVX2: 8-bit weight codes times 8-bit activation codes, as llama.cpp does it.
 
 The float kernels (kquants.py, legacy.py) convert every code to float32 and spend most of their
-time on that conversion: they run at a quarter to a half of the memory bandwidth. llama.cpp
+time on that conversion: they decode at a quarter to a half of the memory bandwidth. llama.cpp
 instead multiplies the integer codes of the weights by the integer codes of the activations
 (rounded to 8 bits, activations.py) with `vpmaddubsw` (32 unsigned-by-signed byte products,
 summed in pairs) and `vpmaddwd` (16-bit pairs times a sub-block scale, summed to 32 bits), and
 goes to float once per block. Numba cannot express 8- and 16-bit vector arithmetic (its
-integers are 64-bit), so each block's dot product here is an `@intrinsic` that emits the LLVM
-vector IR directly, with the two instructions as `llvm.x86.avx2.*` intrinsics.
+integers are 64-bit), so a block's dot product here is an `@intrinsic` that emits the LLVM
+vector IR directly, with those two instructions as `llvm.x86.avx2.*` intrinsics.
 
-Every block's integer sum is exact, like llama.cpp's; the float side accumulates
-`d_weight * d_activation * sum` in 8 vector lanes per row (`acc`, a stack buffer that LLVM keeps
-in a register), reduced once per row. The constant offsets of the codes (-8, -16, -32) are
-subtracted inside the integer sum through the activation code sums (Q8_0's block sums, Q8_K's
-16-value bsums), so they stay exact too; Q4_K's mins meet the code sums in float, as in
-llama.cpp. Q4_1 and Q5_1 are not here (see legacy.py).
+Every block's integer sums are exact, in llama.cpp's lanes; the float side does what ggml's
+AVX2 vec_dot does: `acc = fma(d_weight * d_activation, float(lane sums), acc)` in 8 lanes per
+row (a stack buffer that LLVM keeps in registers), reduced once per row. The constant offsets
+of the codes (-8, -16, -32) are subtracted inside the integer sums through the activation code
+sums (Q8_0's block sums, Q8_K's 16-value bsums); Q4_K's mins meet the code sums in their own
+lanes. (Plain multiply-then-add instead of the FMA cost Qwen2.5-0.5B a near-tie greedy
+continuation of llama.cpp's reference.) Q4_1 and Q5_1 are not here (see legacy.py).
 
-Formats: Q4_0, Q5_0, Q8_0 (32-value blocks against Q8_0 activation codes) and Q4_K, Q6_K
-(256-value blocks against Q8_K codes): what the catalog's models are made of. Only used when
-Numba compiles for a host with AVX2 (`AVAILABLE`); elsewhere products.py keeps the float
-kernels, which give the same results up to float32 rounding.
+One kernel per format serves decoding (one activation row) and prefill (n rows): a tile of four
+activation rows meets each weight block once it is decoded, and a chunk of weight rows is the
+parallel work item. A product is bit-identical whether its activation row came alone or in a
+tile. Formats: Q4_0, Q5_0, Q8_0 (32-value blocks, Q8_0 activation codes) and Q4_K, Q6_K
+(256-value blocks, Q8_K codes): what the catalog's models are made of. Only used when Numba
+compiles for a host with AVX2 (`AVAILABLE`); elsewhere products.py keeps the float kernels,
+which give the same results up to float32 rounding.
 """
 
 import numpy as np
@@ -37,7 +41,6 @@ from localllm.kernels.cpu.pointers import data_pointer, stack_pointer
 AVAILABLE = (config.CPU_NAME is None and config.CPU_FEATURES is None
              and "+avx2" in llvm_binding.get_host_cpu_features().flatten().split(","))
 
-QK_K = 256
 _ROW_CHUNK = 16
 
 _I8, _I16, _I32, _I64 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.IntType(64)
@@ -95,8 +98,9 @@ def _accumulate(builder, acc_pointer, scale, integer_sums):
     pointer = builder.bitcast(acc_pointer, _vector(_F32, 8).as_pointer())
     scales = builder.insert_element(ir.Constant(_vector(_F32, 8), None), scale, ir.Constant(_I32, 0))
     scales = _pick(builder, scales, [0] * 8)
-    product = builder.fmul(scales, builder.sitofp(integer_sums, _vector(_F32, 8)))
-    builder.store(builder.fadd(builder.load(pointer, align=4), product), pointer, align=4)
+    fma = _function(builder, "llvm.fma.v8f32", _vector(_F32, 8), [_vector(_F32, 8)] * 3)
+    total = builder.call(fma, [scales, builder.sitofp(integer_sums, _vector(_F32, 8)), builder.load(pointer, align=4)])
+    builder.store(total, pointer, align=4)
 
 
 def _half(builder, pointer, offset):
@@ -104,118 +108,119 @@ def _half(builder, pointer, offset):
         builder.bitcast(pointer, _I8.as_pointer()), [offset]), _F16.as_pointer()), align=1), _F32)
 
 
-def _codes_at(builder, codes, offset):
-    return builder.gep(builder.bitcast(codes, _I8.as_pointer()), [offset])
+class _Rows:
+    """IR access to activation row `first + t` of an intrinsic's tile at block k: its codes,
+    code sums and scale (codes: int8[n, cols], sums: int32[n, cols / group], scales:
+    float32[n, cols / block], all C-contiguous with `n_blocks` blocks per row)."""
+
+    def __init__(self, builder, codes, sums, scales, first, n_blocks, k, block, sum_group):
+        self.builder, self.codes, self.sums, self.scales = builder, codes, sums, scales
+        self.first, self.n_blocks, self.k = first, n_blocks, k
+        self.block, self.sum_group = block, sum_group
+
+    def _index(self, t):
+        b = self.builder
+        return b.add(b.mul(b.add(self.first, ir.Constant(_I64, t)), self.n_blocks), self.k)
+
+    def codes_at(self, t):
+        b = self.builder
+        return b.gep(b.bitcast(self.codes, _I8.as_pointer()), [b.mul(self._index(t), ir.Constant(_I64, self.block))])
+
+    def sums_at(self, t):
+        b = self.builder
+        per_block = self.block // self.sum_group
+        return b.gep(self.sums, [b.mul(self._index(t), ir.Constant(_I64, per_block))])
+
+    def scale(self, t):
+        b = self.builder
+        return b.load(b.gep(self.scales, [self._index(t)]))
 
 
-def _reduce(builder, vector):
-    fn = _function(builder, "llvm.vector.reduce.add.v8i32", _I32, [_vector(_I32, 8)])
-    return builder.call(fn, [vector])
+def _acc_at(builder, acc, lane):
+    return builder.gep(acc, [ir.Constant(_I64, lane)])
 
 
 # Q4_K (144 bytes): f16 d, f16 dmin, 12 bytes of 6-bit scales and mins, 128 bytes of nibbles
-# (byte l of chunk j: value 64j + l low, 64j + 32 + l high).
+# (byte l of chunk j: value 64j + l low, 64j + 32 + l high). Per activation row, acc[0:8] gets
+# d * d_x * sum_j scale_j (nibbles_j . codes_j) and acc[8:16] dmin * d_x * min_j * sum(codes_j).
 
 
-@intrinsic
-def _q4_k_block(typingctx, weights, offset, codes, code_offset, sums16, sum_offset, d_x, acc):
-    """Adds d * d_x * sum_j scale_j (nibbles_j . codes_j) to acc[0:8] for the Q4_K block at
-    weights + offset against the 256 activation codes at codes + code_offset, and returns
-    dmin * d_x * sum_j min_j * (sum of codes_j), from the 16-value code sums at sums16 + sum_offset."""
-    def codegen(context, builder, signature, arguments):
-        w, o, q, qo, sums, so, dx, acc_pointer = arguments
-        q = _codes_at(builder, q, qo)
-        block = builder.gep(w, [o])
-        low_scales = _load(builder, block, 4, _I8, 4)
-        low_mins = _load(builder, block, 8, _I8, 4)
-        high = _load(builder, block, 12, _I8, 4)
-        six_bits, four_bits, bits_4_5 = _splat(_I8, 4, 63), _splat(_I8, 4, 15), _splat(_I8, 4, 0x30)
-        two, four = _splat(_I8, 4, 2), _splat(_I8, 4, 4)
-        scales_4_7 = builder.or_(builder.and_(high, four_bits), builder.and_(builder.lshr(low_scales, two), bits_4_5))
-        mins_4_7 = builder.or_(builder.lshr(high, four), builder.and_(builder.lshr(low_mins, two), bits_4_5))
-        concatenate = ir.Constant(_vector(_I32, 8), list(range(8)))
-        scales = builder.zext(builder.shuffle_vector(builder.and_(low_scales, six_bits), scales_4_7, concatenate),
-                              _vector(_I16, 8))
-        mins = builder.zext(builder.shuffle_vector(builder.and_(low_mins, six_bits), mins_4_7, concatenate),
-                            _vector(_I32, 8))
+def _q4_k_codegen(builder, block, rows, count, acc):
+    low_scales = _load(builder, block, 4, _I8, 4)
+    low_mins = _load(builder, block, 8, _I8, 4)
+    high = _load(builder, block, 12, _I8, 4)
+    six_bits, four_bits, bits_4_5 = _splat(_I8, 4, 63), _splat(_I8, 4, 15), _splat(_I8, 4, 0x30)
+    two, four = _splat(_I8, 4, 2), _splat(_I8, 4, 4)
+    scales_4_7 = builder.or_(builder.and_(high, four_bits), builder.and_(builder.lshr(low_scales, two), bits_4_5))
+    mins_4_7 = builder.or_(builder.lshr(high, four), builder.and_(builder.lshr(low_mins, two), bits_4_5))
+    concatenate = ir.Constant(_vector(_I32, 8), list(range(8)))
+    scales = builder.zext(builder.shuffle_vector(builder.and_(low_scales, six_bits), scales_4_7, concatenate),
+                          _vector(_I16, 8))
+    mins = builder.zext(builder.shuffle_vector(builder.and_(low_mins, six_bits), mins_4_7, concatenate),
+                        _vector(_I32, 8))
+    nibbles = []
+    for j in range(4):
+        packed = _load(builder, block, 16 + 32 * j, _I8, 32)
+        nibbles += [builder.and_(packed, _splat(_I8, 32, 15)), builder.lshr(packed, _splat(_I8, 32, 4))]
+    d = _half(builder, block, ir.Constant(_I64, 0))
+    dmin = _half(builder, block, ir.Constant(_I64, 2))
+    for t in range(count):
+        codes = rows.codes_at(t)
         total = ir.Constant(_vector(_I32, 8), None)
-        for j in range(4):
-            packed = _load(builder, block, 16 + 32 * j, _I8, 32)
-            nibbles = (builder.and_(packed, _splat(_I8, 32, 15)), builder.lshr(packed, _splat(_I8, 32, 4)))
-            for half in range(2):
-                pairs = _madd_unsigned_signed(builder, nibbles[half], _load(builder, q, 64 * j + 32 * half, _I8, 32))
-                total = builder.add(total, _madd_words(builder, pairs, _pick(builder, scales, [2 * j + half] * 16)))
-        _accumulate(builder, acc_pointer, builder.fmul(_half(builder, block, ir.Constant(_I64, 0)), dx), total)
-        sums16 = _load(builder, builder.gep(sums, [so]), 0, _I32, 16)
+        for i, values in enumerate(nibbles):
+            pairs = _madd_unsigned_signed(builder, values, _load(builder, codes, 32 * i, _I8, 32))
+            total = builder.add(total, _madd_words(builder, pairs, _pick(builder, scales, [i] * 16)))
+        d_x = rows.scale(t)
+        _accumulate(builder, _acc_at(builder, acc, 16 * t), builder.fmul(d, d_x), total)
+        sums16 = _load(builder, rows.sums_at(t), 0, _I32, 16)
         sums32 = builder.add(_pick(builder, sums16, range(0, 16, 2)), _pick(builder, sums16, range(1, 16, 2)))
-        min_sum = builder.sitofp(_reduce(builder, builder.mul(mins, sums32)), _F32)
-        return builder.fmul(builder.fmul(_half(builder, block, ir.Constant(_I64, 2)), dx), min_sum)
-    return types.float32(weights, offset, codes, code_offset, sums16, sum_offset, d_x, acc), codegen
+        _accumulate(builder, _acc_at(builder, acc, 16 * t + 8), builder.fmul(dmin, d_x), builder.mul(mins, sums32))
 
 
 # Q6_K (210 bytes): 128 bytes of low nibbles, 64 bytes of high bit pairs, 16 int8 scales, f16 d.
 # In half h (128 values), byte l of ql[64h:] / ql[64h + 32:] holds values l, l + 32 (low
 # nibbles) and l + 64, l + 96 (high nibbles); byte l of qh[32h:] holds their two high bits at
-# bits 0, 2, 4, 6. Scale i covers 16 values; the codes are 0..63 with an offset of -32.
+# bits 0, 2, 4, 6. Scale i covers 16 values; the codes are 0..63 with an offset of -32, which
+# goes through the 16-value code sums. Per activation row, acc[0:8] gets
+# d * d_x * sum_i scale_i ((q_i - 32) . codes_i).
 
 
-@intrinsic
-def _q6_k_block(typingctx, weights, offset, codes, code_offset, sums16, sum_offset, d_x, acc):
-    """Adds d * d_x * sum_i scale_i ((q_i - 32) . codes_i) to acc[0:8] for the Q6_K block at
-    weights + offset; the -32 goes through the 16-value code sums at sums16 + sum_offset."""
-    def codegen(context, builder, signature, arguments):
-        w, o, q, qo, sums, so, dx, acc_pointer = arguments
-        q = _codes_at(builder, q, qo)
-        block = builder.gep(w, [o])
-        scales = builder.sext(_load(builder, block, 192, _I8, 16), _vector(_I16, 16))
-        low_nibble, field = _splat(_I8, 32, 15), _splat(_I8, 32, 0x30)
+def _q6_k_codegen(builder, block, rows, count, acc):
+    scales = builder.sext(_load(builder, block, 192, _I8, 16), _vector(_I16, 16))
+    low_nibble, field = _splat(_I8, 32, 15), _splat(_I8, 32, 0x30)
+    values = []
+    for h in range(2):
+        low_a = _load(builder, block, 64 * h, _I8, 32)
+        low_b = _load(builder, block, 64 * h + 32, _I8, 32)
+        high = _load(builder, block, 128 + 32 * h, _I8, 32)
+        values += [
+            builder.or_(builder.and_(low_a, low_nibble), builder.and_(builder.shl(high, _splat(_I8, 32, 4)), field)),
+            builder.or_(builder.and_(low_b, low_nibble), builder.and_(builder.shl(high, _splat(_I8, 32, 2)), field)),
+            builder.or_(builder.lshr(low_a, _splat(_I8, 32, 4)), builder.and_(high, field)),
+            builder.or_(builder.lshr(low_b, _splat(_I8, 32, 4)), builder.and_(builder.lshr(high, _splat(_I8, 32, 2)), field)),
+        ]
+    d = _half(builder, block, ir.Constant(_I64, 208))
+    for t in range(count):
+        codes = rows.codes_at(t)
         total = ir.Constant(_vector(_I32, 8), None)
-        for h in range(2):
-            low_a = _load(builder, block, 64 * h, _I8, 32)
-            low_b = _load(builder, block, 64 * h + 32, _I8, 32)
-            high = _load(builder, block, 128 + 32 * h, _I8, 32)
-            values = (
-                builder.or_(builder.and_(low_a, low_nibble), builder.and_(builder.shl(high, _splat(_I8, 32, 4)), field)),
-                builder.or_(builder.and_(low_b, low_nibble), builder.and_(builder.shl(high, _splat(_I8, 32, 2)), field)),
-                builder.or_(builder.lshr(low_a, _splat(_I8, 32, 4)), builder.and_(high, field)),
-                builder.or_(builder.lshr(low_b, _splat(_I8, 32, 4)), builder.and_(builder.lshr(high, _splat(_I8, 32, 2)), field)),
-            )
-            for m, value in enumerate(values):
-                pairs = _madd_unsigned_signed(builder, value, _load(builder, q, 128 * h + 32 * m, _I8, 32))
-                first = 8 * h + 2 * m
-                total = builder.add(total, _madd_words(builder, pairs, _pick(builder, scales, [first] * 8 + [first + 1] * 8)))
+        for i, value in enumerate(values):
+            pairs = _madd_unsigned_signed(builder, value, _load(builder, codes, 32 * i, _I8, 32))
+            total = builder.add(total, _madd_words(builder, pairs, _pick(builder, scales, [2 * i] * 8 + [2 * i + 1] * 8)))
         # |sum of 16 codes| <= 2032 fits 16 bits.
-        code_sums = builder.trunc(_load(builder, builder.gep(sums, [so]), 0, _I32, 16), _vector(_I16, 16))
+        code_sums = builder.trunc(_load(builder, rows.sums_at(t), 0, _I32, 16), _vector(_I16, 16))
         offsets = builder.shl(_madd_words(builder, code_sums, scales), _splat(_I32, 8, 5))
-        _accumulate(builder, acc_pointer, builder.fmul(_half(builder, block, ir.Constant(_I64, 208)), dx),
-                    builder.sub(total, offsets))
-        return context.get_dummy_value()
-    return types.void(weights, offset, codes, code_offset, sums16, sum_offset, d_x, acc), codegen
+        _accumulate(builder, _acc_at(builder, acc, 8 * t), builder.fmul(d, rows.scale(t)), builder.sub(total, offsets))
 
 
 # The 32-value formats (layouts in legacy.py): where the fifth-bit word (Q5_0) and the codes
-# sit in a block, the constant offset of the codes, and the bytes per block.
-_Q4_0, _Q5_0, _Q8_0 = range(3)
-_LEGACY = {_Q4_0: (None, 2, 8), _Q5_0: (2, 6, 16), _Q8_0: (None, 2, 0)}
-_LEGACY_BYTES = (18, 22, 34)
+# sit in a block and the constant offset of the codes, which goes through the block's code sum.
+# Per activation row, acc[0:8] gets d * d_x * (values . codes).
 
 
-@intrinsic
-def _legacy_block(typingctx, kind, weights, offset, codes, code_offset, code_sum, d_x, acc):
-    """Adds d * d_x * (block values . activation codes) to acc[0:8] for the block of format
-    `kind` (a compile-time constant) at weights + offset; the codes' constant offset goes
-    through code_sum, the sum of the block's activation codes."""
-    if not isinstance(kind, types.IntegerLiteral):
-        return None
-    bits_at, codes_at, value_offset = _LEGACY[kind.literal_value]
-    is_q8_0 = kind.literal_value == _Q8_0
-
-    def codegen(context, builder, signature, arguments):
-        _, w, o, q, qo, code_total, dx, acc_pointer = arguments
-        activations = _load(builder, _codes_at(builder, q, qo), 0, _I8, 32)
-        block = builder.gep(w, [o])
-        if is_q8_0:
-            pairs = _signed_dot(builder, _load(builder, block, codes_at, _I8, 32), activations)
+def _legacy_codegen(bits_at, codes_at, value_offset):
+    def codegen(builder, block, rows, count, acc):
+        if value_offset is None:
+            weights = _load(builder, block, codes_at, _I8, 32)
         else:
             packed = _load(builder, block, codes_at, _I8, 16)
             low = builder.and_(packed, _splat(_I8, 16, 15))
@@ -226,97 +231,136 @@ def _legacy_block(typingctx, kind, weights, offset, codes, code_offset, code_sum
                                                     _I32.as_pointer()), align=1)
                 fifth = builder.zext(builder.bitcast(bits, _vector(ir.IntType(1), 32)), _vector(_I8, 32))
                 values = builder.or_(values, builder.shl(fifth, _splat(_I8, 32, 4)))
-            pairs = _madd_unsigned_signed(builder, values, activations)
-        total = _madd_words(builder, pairs, _splat(_I16, 16, 1))
-        if value_offset:
-            offset_sum = builder.mul(code_total, ir.Constant(_I32, value_offset))
-            total = builder.sub(total, builder.insert_element(
-                ir.Constant(_vector(_I32, 8), None), offset_sum, ir.Constant(_I32, 0)))
-        _accumulate(builder, acc_pointer, builder.fmul(_half(builder, block, ir.Constant(_I64, 0)), dx), total)
+        d = _half(builder, block, ir.Constant(_I64, 0))
+        for t in range(count):
+            activations = _load(builder, rows.codes_at(t), 0, _I8, 32)
+            if value_offset is None:
+                pairs = _signed_dot(builder, weights, activations)
+            else:
+                pairs = _madd_unsigned_signed(builder, values, activations)
+            total = _madd_words(builder, pairs, _splat(_I16, 16, 1))
+            if value_offset:
+                offset_sum = builder.mul(builder.load(rows.sums_at(t)), ir.Constant(_I32, value_offset))
+                total = builder.sub(total, builder.insert_element(
+                    ir.Constant(_vector(_I32, 8), None), offset_sum, ir.Constant(_I32, 0)))
+            _accumulate(builder, _acc_at(builder, acc, 8 * t), builder.fmul(d, rows.scale(t)), total)
+    return codegen
+
+
+_Q4_0, _Q5_0, _Q8_0, _Q4_K, _Q6_K = range(5)
+# Per kind: bytes per block, values per block, values per code sum, acc lanes per activation
+# row, and the block's code generator.
+_FORMATS = {
+    _Q4_0: (18, 32, 32, 8, _legacy_codegen(None, 2, 8)),
+    _Q5_0: (22, 32, 32, 8, _legacy_codegen(2, 6, 16)),
+    _Q8_0: (34, 32, 32, 8, _legacy_codegen(None, 2, None)),
+    _Q4_K: (144, 256, 16, 16, _q4_k_codegen),
+    _Q6_K: (210, 256, 16, 8, _q6_k_codegen),
+}
+_BLOCK_BYTES = tuple(_FORMATS[kind][0] for kind in range(5))
+_ACC_LANES = tuple(_FORMATS[kind][3] for kind in range(5))
+# Activation rows per pass over a weight row: each decoded weight block then feeds four rows
+# (the accumulator on the stack holds 16 lanes for each).
+_TILE = 4
+
+
+@intrinsic
+def _dot_blocks(typingctx, kind, count, weights, offset, codes, sums, scales, first, n_blocks, k, acc):
+    """Block k of the weight row at weights + offset (format `kind`) against activation rows
+    first .. first + count - 1 (`kind` and `count` compile-time constants), into acc."""
+    if not isinstance(kind, types.IntegerLiteral) or not isinstance(count, types.IntegerLiteral):
+        return None
+    _, block_values, sum_group, _, generate = _FORMATS[kind.literal_value]
+    rows_in_tile = count.literal_value
+
+    def codegen(context, builder, signature, arguments):
+        _, _, w, o, q, sum_pointer, scale_pointer, first_row, blocks, block_index, acc_pointer = arguments
+        rows = _Rows(builder, q, sum_pointer, scale_pointer, first_row, blocks, block_index, block_values, sum_group)
+        generate(builder, builder.gep(w, [o]), rows, rows_in_tile, acc_pointer)
         return context.get_dummy_value()
-    return types.void(kind, weights, offset, codes, code_offset, code_sum, d_x, acc), codegen
+    return types.void(kind, count, weights, offset, codes, sums, scales, first, n_blocks, k, acc), codegen
 
 
 @njit(nogil=True, inline="always")
-def _lanes_total(acc):
+def _finish(kind, acc, lane):
+    """The product from one activation row's accumulator lanes at acc[lane:]."""
     total = np.float32(0.0)
-    for lane in range(8):
-        total += acc[lane]
+    for j in range(8):
+        total += acc[lane + j]
+    if kind == _Q4_K:
+        shifted = np.float32(0.0)
+        for j in range(8):
+            shifted += acc[lane + 8 + j]
+        return total - shifted
     return total
 
 
 @njit(cache=True, nogil=True, parallel=True)
-def matvec_q4_k(raw, codes, scales, sums16, out):
-    rows, row_bytes = raw.shape
-    n_blocks = row_bytes // 144
-    for chunk in prange((rows + _ROW_CHUNK - 1) // _ROW_CHUNK):
-        acc = stack_pointer(8)
-        p = data_pointer(raw)
-        qp = data_pointer(codes)
-        sp = data_pointer(sums16)
-        for r in range(chunk * _ROW_CHUNK, min(rows, (chunk + 1) * _ROW_CHUNK)):
-            for lane in range(8):
-                acc[lane] = 0.0
-            shifted = np.float32(0.0)
-            for k in range(n_blocks):
-                shifted += _q4_k_block(p, r * row_bytes + k * 144, qp, k * QK_K, sp, k * 16, scales[k], acc)
-            out[r] = _lanes_total(acc) - shifted
-
-
-@njit(cache=True, nogil=True, parallel=True)
-def matvec_q6_k(raw, codes, scales, sums16, out):
-    rows, row_bytes = raw.shape
-    n_blocks = row_bytes // 210
-    for chunk in prange((rows + _ROW_CHUNK - 1) // _ROW_CHUNK):
-        acc = stack_pointer(8)
-        p = data_pointer(raw)
-        qp = data_pointer(codes)
-        sp = data_pointer(sums16)
-        for r in range(chunk * _ROW_CHUNK, min(rows, (chunk + 1) * _ROW_CHUNK)):
-            for lane in range(8):
-                acc[lane] = 0.0
-            for k in range(n_blocks):
-                _q6_k_block(p, r * row_bytes + k * 210, qp, k * QK_K, sp, k * 16, scales[k], acc)
-            out[r] = _lanes_total(acc)
-
-
-@njit(cache=True, nogil=True, parallel=True)
-def _legacy_matvec(raw, codes, scales, sums32, out, kind):
-    """`kind` is a compile-time constant: each format gets its own specialization."""
+def _products(raw, codes, scales, sums, out, kind):
+    """out[i, r] = weight row r . activation row i (`kind` a compile-time constant). Work items
+    are chunks of weight rows; inside one, a tile of activation rows meets every row of the
+    chunk, so both stay in cache."""
     literally(kind)
-    block_bytes = _LEGACY_BYTES[kind]
+    lanes = _ACC_LANES[kind]
+    block_bytes = _BLOCK_BYTES[kind]
+    n = codes.shape[0]
     rows, row_bytes = raw.shape
     n_blocks = row_bytes // block_bytes
+    tiled = n - n % _TILE
     for chunk in prange((rows + _ROW_CHUNK - 1) // _ROW_CHUNK):
-        acc = stack_pointer(8)
+        acc = stack_pointer(64)  # 16 lanes for each of the _TILE rows
         p = data_pointer(raw)
         qp = data_pointer(codes)
-        for r in range(chunk * _ROW_CHUNK, min(rows, (chunk + 1) * _ROW_CHUNK)):
-            for lane in range(8):
-                acc[lane] = 0.0
-            for k in range(n_blocks):
-                _legacy_block(kind, p, r * row_bytes + k * block_bytes, qp, k * 32, sums32[k], scales[k], acc)
-            out[r] = _lanes_total(acc)
+        sp = data_pointer(sums)
+        xp = data_pointer(scales)
+        last = min(rows, (chunk + 1) * _ROW_CHUNK)
+        for first in range(0, tiled, _TILE):
+            for r in range(chunk * _ROW_CHUNK, last):
+                for lane in range(lanes * _TILE):
+                    acc[lane] = 0.0
+                for k in range(n_blocks):
+                    _dot_blocks(kind, _TILE, p, r * row_bytes + k * block_bytes, qp, sp, xp, first, n_blocks, k, acc)
+                for t in range(_TILE):
+                    out[first + t, r] = _finish(kind, acc, lanes * t)
+        for i in range(tiled, n):
+            for r in range(chunk * _ROW_CHUNK, last):
+                for lane in range(lanes):
+                    acc[lane] = 0.0
+                for k in range(n_blocks):
+                    _dot_blocks(kind, 1, p, r * row_bytes + k * block_bytes, qp, sp, xp, i, n_blocks, k, acc)
+                out[i, r] = _finish(kind, acc, 0)
 
 
 @njit(cache=True, nogil=True)
-def matvec_q4_0(raw, codes, scales, sums, out):
-    _legacy_matvec(raw, codes, scales, sums, out, _Q4_0)
+def products_q4_0(raw, codes, scales, sums, out):
+    _products(raw, codes, scales, sums, out, _Q4_0)
 
 
 @njit(cache=True, nogil=True)
-def matvec_q5_0(raw, codes, scales, sums, out):
-    _legacy_matvec(raw, codes, scales, sums, out, _Q5_0)
+def products_q5_0(raw, codes, scales, sums, out):
+    _products(raw, codes, scales, sums, out, _Q5_0)
 
 
 @njit(cache=True, nogil=True)
-def matvec_q8_0(raw, codes, scales, sums, out):
-    _legacy_matvec(raw, codes, scales, sums, out, _Q8_0)
+def products_q8_0(raw, codes, scales, sums, out):
+    _products(raw, codes, scales, sums, out, _Q8_0)
+
+
+@njit(cache=True, nogil=True)
+def products_q4_k(raw, codes, scales, sums, out):
+    _products(raw, codes, scales, sums, out, _Q4_K)
+
+
+@njit(cache=True, nogil=True)
+def products_q6_k(raw, codes, scales, sums, out):
+    _products(raw, codes, scales, sums, out, _Q6_K)
 
 
 Q = GGMLQuantizationType
-# matvec(raw, codes int8[cols], scales float32[blocks], code sums int32[cols / 16 (K formats)
-# or cols / 32], out float32[rows]); activations.activation_codes makes the three inputs.
+# products(raw, codes int8[n, cols], scales float32[n, blocks], code sums int32[n, cols / 16
+# (K formats) or cols / 32], out float32[n, rows]); activations.activation_codes makes the
+# three activation inputs. One kernel serves matvec (n = 1) and matmul.
 KERNELS = {
-    Q.Q4_0: matvec_q4_0, Q.Q5_0: matvec_q5_0, Q.Q8_0: matvec_q8_0, Q.Q4_K: matvec_q4_k, Q.Q6_K: matvec_q6_k,
+    Q.Q4_0: products_q4_0, Q.Q5_0: products_q5_0, Q.Q8_0: products_q8_0,
+    Q.Q4_K: products_q4_k, Q.Q6_K: products_q6_k,
 }

@@ -12,6 +12,10 @@ over output rows with prange):
     dequantize_rows(raw, row_ids, out)     row_ids: int64[m], out: float32[m, cols];
                                            bit-exact with gguf.quants.dequantize
 
+integer.py adds, for the formats llama.cpp's models mostly use, one kernel per format for both
+products on 8-bit activation codes (activations.activation_codes), used when activations are
+rounded and the CPU has AVX2.
+
 Kernels assume validated inputs. This module validates everything first (dtypes, contiguity,
 row_bytes == cols / block_size * type_size, lengths, id ranges, out shapes) and raises
 KernelError naming the problem before any kernel touches memory.
@@ -28,9 +32,9 @@ from localllm.kernels.cpu.activations import activation_codes, quantize_activati
 from localllm.kernels.cpu.threads import apply_threads
 
 KERNELS = {**floats.KERNELS, **legacy.KERNELS, **kquants.KERNELS}
-# matvec on integer activation codes (integer.py), where the machine has it: what llama.cpp
-# computes, exactly per block, and two to three times faster than the float kernels.
-INTEGER_MATVEC = integer.KERNELS if integer.AVAILABLE else {}
+# Products on integer activation codes (integer.py), where the machine has them: what llama.cpp
+# computes, exactly per block, and faster than the float kernels.
+INTEGER_PRODUCTS = integer.KERNELS if integer.AVAILABLE else {}
 
 MAX_MATMUL_ROWS = 512
 
@@ -102,8 +106,8 @@ def matvec(weight, x: np.ndarray, out: np.ndarray | None = None, *, quantize: bo
     _check_activations("x", x, 1, cols, getattr(weight, "name", "the weight"))
     out = _check_out(out, (rows,))
     apply_threads()
-    if quantize and qtype in INTEGER_MATVEC:
-        INTEGER_MATVEC[qtype](raw, *activation_codes(x, qtype), out)
+    if quantize and qtype in INTEGER_PRODUCTS:
+        INTEGER_PRODUCTS[qtype](raw, *activation_codes(x[None], qtype), out[None])
         return out
     if quantize:
         x = quantize_activations(x, qtype)
@@ -123,6 +127,9 @@ def matmul(weight, X: np.ndarray, out: np.ndarray | None = None, *, quantize: bo
         matvec(weight, X[0], out[0], quantize=quantize)
         return out
     apply_threads()
+    if quantize and qtype in INTEGER_PRODUCTS:
+        INTEGER_PRODUCTS[qtype](raw, *activation_codes(X, qtype), out)
+        return out
     if quantize:
         X = quantize_activations(X, qtype)
     KERNELS[qtype][1](raw, X, out)
