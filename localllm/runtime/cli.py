@@ -7,9 +7,12 @@ status, plus one entry in `_SUBCOMMANDS` that declares its arguments.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import signal
 import sys
+import threading
 import traceback
 from pathlib import Path
 from collections.abc import Callable
@@ -145,6 +148,26 @@ def _completion_json(completion) -> str:
     )
 
 
+@contextlib.contextmanager
+def _interrupt_sets(cancel: threading.Event):
+    """Ctrl-C sets `cancel` as well as raising KeyboardInterrupt, so that generation stops at
+    the next token even where the exception never reaches us (raised inside a library that
+    drops it: once seen in CI, a SIGINT that left the generation running to the end)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def on_interrupt(signum, frame):
+        cancel.set()
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGINT, on_interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def _cmd_generate(args: argparse.Namespace) -> int:
     from localllm.runtime.catalog import default_model
     from localllm.runtime.llm import LLM
@@ -153,9 +176,10 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         raise InvalidParameterError("--chat and --raw cannot be combined")
     if args.system is not None and not args.chat:
         raise InvalidParameterError("--system needs --chat")
-    options = _generation_options(args)
+    cancel = threading.Event()
+    options = {**_generation_options(args), "cancel": cancel}
     prompt = _read_prompt(args)
-    with LLM(args.model or default_model(), n_ctx=args.ctx, threads=args.threads) as llm:
+    with LLM(args.model or default_model(), n_ctx=args.ctx, threads=args.threads) as llm, _interrupt_sets(cancel):
         if args.chat:
             messages = [{"role": "system", "content": args.system}] if args.system is not None else []
             messages.append({"role": "user", "content": prompt})
@@ -169,6 +193,8 @@ def _cmd_generate(args: argparse.Namespace) -> int:
                     sys.stdout.write(chunk.text)
                     sys.stdout.flush()
         except KeyboardInterrupt:
+            cancel.set()
+        if cancel.is_set():
             stream.close()
             if echo:
                 sys.stdout.write("\n")
