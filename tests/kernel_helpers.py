@@ -115,6 +115,25 @@ def llama_activations(X: np.ndarray, qtype: GGMLQuantizationType) -> np.ndarray:
     return np.where(signed_max[:, None] == 0, np.float32(0.0), values).astype(np.float32).reshape(X.shape)
 
 
+def llama_product(weight, dequantized: np.ndarray, X: np.ndarray) -> np.ndarray:
+    """X @ dequantized.T in float64 with X rounded as llama.cpp rounds it for the weight's
+    type. For Q4_1, ggml's Q8_1 activations also carry s = f16(amax / 127 * sum of codes) per
+    block, and the weights' m multiplies s instead of the rounded values' sum."""
+    rounded = llama_activations(X, weight.type)
+    if weight.type != GGMLQuantizationType.Q4_1:
+        return reference_product(dequantized, rounded)
+    rows, cols = dequantized.shape
+    blocks = np.asarray(X, dtype=np.float32).reshape(X.shape[0], -1, 32)
+    amax = np.abs(blocks).max(axis=2)
+    with np.errstate(divide="ignore"):
+        inverse = np.where(amax == 0, np.float32(0.0), np.float32(127.0) / amax).astype(np.float32)
+    code_sums = np.rint(blocks * inverse[:, :, None]).sum(axis=2).astype(np.float32)
+    s = (amax / np.float32(127.0) * code_sums).astype(np.float16).astype(np.float64)
+    m = weight.raw.reshape(rows, -1, 20)[:, :, 2:4].copy().view(np.float16)[:, :, 0].astype(np.float64)
+    without_m = np.asarray(dequantized, dtype=np.float64) - np.repeat(m, 32, axis=1)
+    return reference_product(without_m, rounded) + s @ m.T
+
+
 def product_errors(weight, dequantized: np.ndarray, X: np.ndarray) -> tuple[float, float]:
     """Relative errors of matmul (matvec for one row) against float64 NumPy: exact float32
     activations, then llama.cpp's 8-bit activations against the same rounding done in NumPy."""
@@ -125,6 +144,12 @@ def product_errors(weight, dequantized: np.ndarray, X: np.ndarray) -> tuple[floa
             return matvec(weight, X[0], quantize=quantize)[None]
         return matmul(weight, X, quantize=quantize)
 
+    from localllm.kernels.cpu.products import INTEGER_PRODUCTS
+
     exact = relative_error(product(False), reference_product(dequantized, X))
-    quantized = relative_error(product(True), reference_product(dequantized, llama_activations(X, weight.type)))
+    if weight.type in INTEGER_PRODUCTS:
+        want = llama_product(weight, dequantized, X)
+    else:
+        want = reference_product(dequantized, llama_activations(X, weight.type))
+    quantized = relative_error(product(True), want)
     return exact, quantized

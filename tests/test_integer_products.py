@@ -3,7 +3,15 @@ activation codes they consume."""
 
 import numpy as np
 import pytest
-from kernel_helpers import Q, llama_activations, random_activations, random_weight, reference_product, relative_error
+from kernel_helpers import (
+    Q,
+    llama_activations,
+    llama_product,
+    random_activations,
+    random_weight,
+    reference_product,
+    relative_error,
+)
 
 from localllm.formats.gguf import open_gguf
 from localllm.kernels.cpu import KERNELS, integer, matvec
@@ -47,7 +55,7 @@ def test_integer_matvec_matches_float64(qtype, blocks_per_row):
     for seed, x in enumerate(rows_with_edge_cases(weight.shape[1])):
         out = np.full(weight.shape[0], np.nan, dtype=np.float32)
         integer.KERNELS[qtype](weight.raw, *activation_codes(x[None], qtype), out[None])
-        want = reference_product(weight.dequantize(), llama_activations(x[None], qtype))[0]
+        want = llama_product(weight, weight.dequantize(), x[None])[0]
         # A row of zero activations (one block of 256) must give exactly zero.
         assert np.linalg.norm(out - want) <= 1e-5 * np.linalg.norm(want), seed
 
@@ -64,7 +72,7 @@ def test_integer_matmul_matches_float64_and_does_not_depend_on_the_tile(qtype):
         X = random_activations(n, weight.shape[1], seed=n)
         out = np.full((n, weight.shape[0]), np.nan, dtype=np.float32)
         integer.KERNELS[qtype](weight.raw, *activation_codes(X, qtype), out)
-        assert relative_error(out, reference_product(dequantized, llama_activations(X, qtype))) <= 1e-5, n
+        assert relative_error(out, llama_product(weight, dequantized, X)) <= 1e-5, n
         alone = np.empty((1, weight.shape[0]), dtype=np.float32)
         integer.KERNELS[qtype](weight.raw, *activation_codes(X[-1:], qtype), alone)
         np.testing.assert_array_equal(out[-1], alone[0])

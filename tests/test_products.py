@@ -21,6 +21,10 @@ from localllm.kernels.cpu.threads import max_threads
 # Products are exact up to float32 rounding, both on float32 activations and on activations
 # rounded to 8 bits (compared with the same rounding done in NumPy).
 TOLERANCE = 1e-5
+# Q4_1 on 8-bit activations, as llama.cpp computes it (integer.py): on SmolLM2's real rows the
+# m * s terms nearly cancel the d terms, so float32 rounding relative to the small result
+# reaches 4e-5 (against the same arithmetic in float64). The issue's bound here is 1e-3.
+QUANTIZED_Q4_1_TOLERANCE = 1e-4
 FORMATS = [Q.F32, Q.F16, Q.BF16, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0]
 BATCH_SIZES = [1, 2, 3, 16, 64, 129]
 
@@ -36,7 +40,8 @@ def check_products(weight, dequantized, batch_sizes=BATCH_SIZES):
     for n in batch_sizes:
         X = random_activations(n, cols, seed=n)
         exact, quantized = product_errors(weight, dequantized, X)
-        assert exact <= TOLERANCE and quantized <= TOLERANCE, (weight.name, n, exact, quantized)
+        bound = QUANTIZED_Q4_1_TOLERANCE if weight.type == Q.Q4_1 else TOLERANCE
+        assert exact <= TOLERANCE and quantized <= bound, (weight.name, n, exact, quantized)
 
 
 @pytest.mark.parametrize("qtype", [Q.Q4_1, Q.Q8_0, Q.Q4_K, Q.TQ2_0])

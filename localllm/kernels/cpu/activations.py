@@ -11,11 +11,10 @@ float32 rounding).
 
 Formats (constants from ggml-quants.c / the x86 quantizers):
   Q8_0 and Q8_1  32-value blocks; d = amax / 127 stored as f16; q = round-half-even(x * 127 / amax);
-                 the value is q * f16(d). (Q8_1 also stores f16(d * sum q) for the weight
-                 offsets of Q4_1/Q5_1. That rounding is not reproduced although it moves Q4_1
-                 products by about 5e-4 relative (the offset term nearly cancels the rest):
-                 with it, smollm2's median |Δ| to the reference went from 0.143 to 0.125 but
-                 a near-tie moved its greedy path away from llama.cpp's in one more case.)
+                 the value is q * f16(d). Q8_1 also stores s = f16(d * sum q) for Q4_1's m:
+                 activation_codes gives it for the integer kernel; the float kernels (Q4_1
+                 without AVX2, Q5_1) use the sum of the rounded values instead, about 5e-4
+                 relative apart on real rows (the m term nearly cancels the rest).
   Q8_K           256-value blocks; with `max` the first value of largest magnitude,
                  iscale = -127 / max, q = min(127, round-half-even(iscale * x)), d = 1 / iscale
                  stored as f32; the value is q * d.
@@ -34,6 +33,10 @@ _OPTIONS = dict(cache=True, nogil=True)
 Q8_0_BLOCK = 32
 Q8_K_BLOCK = 256
 Q8_K_SUM_GROUP = 16
+# Weights whose integer products take ggml's Q8_1 activations: Q8_0's codes and scales plus each
+# block's s = f16(unrounded scale * sum of codes), which multiplies the weights' m (Q5_1 has
+# no integer kernel).
+Q8_1_WEIGHTS = (T.Q4_1,)
 
 # The activation format ggml's CPU backend pairs with each weight type (`vec_dot_type`).
 ACTIVATION_BLOCK = {
@@ -113,7 +116,8 @@ def activation_codes(X: np.ndarray, qtype) -> tuple[np.ndarray, np.ndarray, np.n
     """X (float32, C-contiguous, last axis a multiple of `qtype`'s activation block) rounded to
     8 bits the way llama.cpp rounds activations for `qtype` weights: int8 codes shaped like X,
     float32 scales per block (a value is code * scale) and int32 sums of the codes per 16
-    values (Q8_K, ggml's bsums) or per block (Q8_0), for weights whose codes carry an offset."""
+    values (Q8_K, ggml's bsums) or per block (Q8_0), for weights whose codes carry an offset;
+    for Q4_1, float32 Q8_1 sums s instead."""
     block = ACTIVATION_BLOCK[qtype]
     rows = X.reshape(-1, X.shape[-1])
     cols = rows.shape[1]
@@ -126,6 +130,10 @@ def activation_codes(X: np.ndarray, qtype) -> tuple[np.ndarray, np.ndarray, np.n
         _codes_row(rows[0], block, codes[0], scales[0], sums[0])
     else:
         _codes_rows(rows, block, codes, scales, sums)
+    if qtype in Q8_1_WEIGHTS:
+        # Q8_1's s: each block's value sum from its unrounded scale, rounded to f16.
+        unrounded = np.abs(rows.reshape(-1, Q8_0_BLOCK)).max(axis=1) / np.float32(127.0)
+        sums = (unrounded * sums.reshape(-1)).astype(np.float16).astype(np.float32)
     lead = X.shape[:-1]
     return codes.reshape(X.shape), scales.reshape(*lead, -1), sums.reshape(*lead, -1)
 

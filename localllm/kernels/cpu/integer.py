@@ -14,14 +14,16 @@ AVX2 vec_dot does: `acc = fma(d_weight * d_activation, float(lane sums), acc)` i
 row (a stack buffer that LLVM keeps in registers), reduced once per row. The constant offsets
 of the codes (-8, -16, -32) are subtracted inside the integer sums through the activation code
 sums (Q8_0's block sums, Q8_K's 16-value bsums); Q4_K's mins meet the code sums in their own
-lanes. (Plain multiply-then-add instead of the FMA cost Qwen2.5-0.5B a near-tie greedy
-continuation of llama.cpp's reference.) Q4_1 and Q5_1 are not here (see legacy.py).
+lanes; Q4_1's m meets ggml's Q8_1 block sums s = f16(d_x * sum of codes), as in ggml. Lanes
+are reduced in ggml's hsum_float_8 order. (Plain multiply-then-add instead of the FMA cost
+Qwen2.5-0.5B a near-tie greedy continuation of llama.cpp's reference; Q4_1 with exact block
+sums instead of s, or without the hsum order, cost SmolLM2 one or two.)
 
 One kernel per format serves decoding (one activation row) and prefill (n rows): a tile of four
 activation rows meets each weight block once it is decoded, and a chunk of weight rows is the
 parallel work item. A product is bit-identical whether its activation row came alone or in a
-tile. Formats: Q4_0, Q5_0, Q8_0 (32-value blocks, Q8_0 activation codes) and Q4_K, Q6_K
-(256-value blocks, Q8_K codes): what the catalog's models are made of. Only used when Numba
+tile. Formats: Q4_0, Q4_1, Q5_0, Q8_0 (32-value blocks, Q8_0/Q8_1 activation codes) and Q4_K,
+Q6_K (256-value blocks, Q8_K codes): what the catalog's models are made of. Only used when Numba
 compiles for a host with AVX2 (`AVAILABLE`); elsewhere products.py keeps the float kernels,
 which give the same results up to float32 rounding.
 """
@@ -247,7 +249,26 @@ def _legacy_codegen(bits_at, codes_at, value_offset):
     return codegen
 
 
-_Q4_0, _Q5_0, _Q8_0, _Q4_K, _Q6_K = range(5)
+def _q4_1_codegen(builder, block, rows, count, acc):
+    """Q4_1 (20 bytes: f16 d, f16 m, 16 bytes of nibbles) against Q8_1 activations, whose
+    sums are ggml's s = f16(d_x * sum of codes): acc[0:8] gets d * d_x * (nibbles . codes)
+    and acc[8] m * s, as ggml's AVX2 vec_dot_q4_1_q8_1 does."""
+    packed = _load(builder, block, 4, _I8, 16)
+    low = builder.and_(packed, _splat(_I8, 16, 15))
+    high = builder.lshr(packed, _splat(_I8, 16, 4))
+    values = builder.shuffle_vector(low, high, ir.Constant(_vector(_I32, 32), list(range(32))))
+    d = _half(builder, block, ir.Constant(_I64, 0))
+    m = _half(builder, block, ir.Constant(_I64, 2))
+    fma = _function(builder, "llvm.fma.f32", _F32, [_F32] * 3)
+    for t in range(count):
+        pairs = _madd_unsigned_signed(builder, values, _load(builder, rows.codes_at(t), 0, _I8, 32))
+        total = _madd_words(builder, pairs, _splat(_I16, 16, 1))
+        _accumulate(builder, _acc_at(builder, acc, 16 * t), builder.fmul(d, rows.scale(t)), total)
+        offset_lane = _acc_at(builder, acc, 16 * t + 8)
+        builder.store(builder.call(fma, [m, builder.load(rows.sums_at(t)), builder.load(offset_lane)]), offset_lane)
+
+
+_Q4_0, _Q5_0, _Q8_0, _Q4_K, _Q6_K, _Q4_1 = range(6)
 # Per kind: bytes per block, values per block, values per code sum, acc lanes per activation
 # row, and the block's code generator.
 _FORMATS = {
@@ -256,9 +277,10 @@ _FORMATS = {
     _Q8_0: (34, 32, 32, 8, _legacy_codegen(None, 2, None)),
     _Q4_K: (144, 256, 16, 16, _q4_k_codegen),
     _Q6_K: (210, 256, 16, 8, _q6_k_codegen),
+    _Q4_1: (20, 32, 32, 16, _q4_1_codegen),
 }
-_BLOCK_BYTES = tuple(_FORMATS[kind][0] for kind in range(5))
-_ACC_LANES = tuple(_FORMATS[kind][3] for kind in range(5))
+_BLOCK_BYTES = tuple(_FORMATS[kind][0] for kind in range(6))
+_ACC_LANES = tuple(_FORMATS[kind][3] for kind in range(6))
 # Activation rows per pass over a weight row: each decoded weight block then feeds four rows
 # (the accumulator on the stack holds 16 lanes for each).
 _TILE = 4
@@ -283,15 +305,17 @@ def _dot_blocks(typingctx, kind, count, weights, offset, codes, sums, scales, fi
 
 @njit(nogil=True, inline="always")
 def _finish(kind, acc, lane):
-    """The product from one activation row's accumulator lanes at acc[lane:]."""
-    total = np.float32(0.0)
-    for j in range(8):
-        total += acc[lane + j]
+    """The product from one activation row's accumulator lanes at acc[lane:], summed in the
+    order of ggml's hsum_float_8."""
+    total = ((acc[lane] + acc[lane + 4]) + (acc[lane + 2] + acc[lane + 6])) + (
+        (acc[lane + 1] + acc[lane + 5]) + (acc[lane + 3] + acc[lane + 7]))
     if kind == _Q4_K:
         shifted = np.float32(0.0)
         for j in range(8):
             shifted += acc[lane + 8 + j]
         return total - shifted
+    if kind == _Q4_1:
+        return total + acc[lane + 8]
     return total
 
 
@@ -347,6 +371,11 @@ def products_q8_0(raw, codes, scales, sums, out):
 
 
 @njit(cache=True, nogil=True)
+def products_q4_1(raw, codes, scales, sums, out):
+    _products(raw, codes, scales, sums, out, _Q4_1)
+
+
+@njit(cache=True, nogil=True)
 def products_q4_k(raw, codes, scales, sums, out):
     _products(raw, codes, scales, sums, out, _Q4_K)
 
@@ -361,6 +390,6 @@ Q = GGMLQuantizationType
 # (K formats) or cols / 32], out float32[n, rows]); activations.activation_codes makes the
 # three activation inputs. One kernel serves matvec (n = 1) and matmul.
 KERNELS = {
-    Q.Q4_0: products_q4_0, Q.Q5_0: products_q5_0, Q.Q8_0: products_q8_0,
+    Q.Q4_0: products_q4_0, Q.Q4_1: products_q4_1, Q.Q5_0: products_q5_0, Q.Q8_0: products_q8_0,
     Q.Q4_K: products_q4_k, Q.Q6_K: products_q6_k,
 }

@@ -11,10 +11,7 @@ high-bit word is the fifth bit of value j.
 
 matvec fuses decoding into the dot product (weights are read once, never materialized) with
 float32 activations, which keeps results exact to float32 rounding. (On AVX2 machines, Q4_0,
-Q5_0 and Q8_0 products on 8-bit activations go to integer.py instead. Q4_1 and Q5_1 stay here:
-llama.cpp's Q8_1 rounds each block's activation sum to f16 for their m, and an integer Q4_1
-kernel with the exact sum moved SmolLM2's greedy continuations away from llama.cpp's in 2 of 4
-reference cases.) Offsets are applied once
+Q4_1, Q5_0 and Q8_0 products on 8-bit activations go to integer.py instead; Q5_1 stays here.) Offsets are applied once
 per block through the block sums of x (Q4_1/Q5_1's m, and the -8 / -16 of Q4_0/Q5_0, which
 then decode as plain unsigned codes). The high nibble is masked in place (q & 0xF0, 16 times its
 value) and meets an x whose upper half-block was divided by 16 (exact), so no shift is needed:
