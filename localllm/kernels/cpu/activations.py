@@ -26,7 +26,8 @@ import math
 
 import numpy as np
 from gguf import GGMLQuantizationType as T
-from numba import njit, prange
+from numba import njit, prange, types
+from numba.extending import overload
 
 _OPTIONS = dict(cache=True, nogil=True)
 
@@ -60,6 +61,24 @@ def _round_to_half(value):
     return np.float32(rounded)
 
 
+def _store_block_sum(sums, b, total, scale):
+    """sums[b] = the block's code sum: as is into int32 sums (Q8_0), or as Q8_1's
+    s = f16(unrounded scale * sum) into float32 sums."""
+
+
+@overload(_store_block_sum, inline="always")
+def _store_block_sum_impl(sums, b, total, scale):
+    if isinstance(sums.dtype, types.Float):
+        def store_value_sum(sums, b, total, scale):
+            value_sum = scale * np.float32(total)
+            sums[b] = _round_to_half(value_sum) if value_sum >= 0 else -_round_to_half(-value_sum)
+        return store_value_sum
+
+    def store_code_sum(sums, b, total, scale):
+        sums[b] = total
+    return store_code_sum
+
+
 @njit(**_OPTIONS)
 def _q8_0_row(x, codes, scales, sums):
     for b in range(x.shape[0] // Q8_0_BLOCK):
@@ -67,14 +86,15 @@ def _q8_0_row(x, codes, scales, sums):
         amax = np.float32(0.0)
         for j in range(Q8_0_BLOCK):
             amax = max(amax, abs(xb[j]))
-        scales[b] = _round_to_half(amax / np.float32(127.0))
+        scale = amax / np.float32(127.0)
+        scales[b] = _round_to_half(scale)
         inverse = np.float32(127.0) / amax if amax != 0.0 else np.float32(0.0)
         total = 0
         for j in range(Q8_0_BLOCK):
             code = np.int8(np.rint(xb[j] * inverse))
             codes[b * Q8_0_BLOCK + j] = code
             total += code
-        sums[b] = total
+        _store_block_sum(sums, b, total, scale)
 
 
 @njit(**_OPTIONS)
@@ -96,6 +116,12 @@ def _q8_k_row(x, codes, scales, sums):
                 codes[b * Q8_K_BLOCK + j] = code
                 total += code
             sums[b * (Q8_K_BLOCK // Q8_K_SUM_GROUP) + g] = total
+
+
+@njit(**_OPTIONS)
+def _sum_group(block):
+    """Values per code sum: ggml's bsums cover 16 values of a Q8_K block, Q8_0/Q8_1 one block."""
+    return Q8_K_SUM_GROUP if block == Q8_K_BLOCK else Q8_0_BLOCK
 
 
 @njit(**_OPTIONS)
@@ -121,19 +147,15 @@ def activation_codes(X: np.ndarray, qtype) -> tuple[np.ndarray, np.ndarray, np.n
     block = ACTIVATION_BLOCK[qtype]
     rows = X.reshape(-1, X.shape[-1])
     cols = rows.shape[1]
-    sum_group = Q8_K_SUM_GROUP if block == Q8_K_BLOCK else Q8_0_BLOCK
+    sum_group = _sum_group(block)
     codes = np.empty(rows.shape, dtype=np.int8)
     scales = np.empty((rows.shape[0], cols // block), dtype=np.float32)
-    sums = np.empty((rows.shape[0], cols // sum_group), dtype=np.int32)
+    sums = np.empty((rows.shape[0], cols // sum_group), dtype=np.float32 if qtype in Q8_1_WEIGHTS else np.int32)
     if rows.shape[0] == 1:
         # A decode step's single row: starting the thread pool would cost more than the work.
         _codes_row(rows[0], block, codes[0], scales[0], sums[0])
     else:
         _codes_rows(rows, block, codes, scales, sums)
-    if qtype in Q8_1_WEIGHTS:
-        # Q8_1's s: each block's value sum from its unrounded scale, rounded to f16.
-        unrounded = np.abs(rows.reshape(-1, Q8_0_BLOCK)).max(axis=1) / np.float32(127.0)
-        sums = (unrounded * sums.reshape(-1)).astype(np.float16).astype(np.float32)
     lead = X.shape[:-1]
     return codes.reshape(X.shape), scales.reshape(*lead, -1), sums.reshape(*lead, -1)
 
@@ -143,7 +165,7 @@ def _values_row(x, block, out):
     n = x.shape[0]
     codes = np.empty(n, dtype=np.int8)
     scales = np.empty(n // block, dtype=np.float32)
-    sums = np.empty(n // (Q8_K_SUM_GROUP if block == Q8_K_BLOCK else Q8_0_BLOCK), dtype=np.int32)
+    sums = np.empty(n // _sum_group(block), dtype=np.int32)
     _codes_row(x, block, codes, scales, sums)
     for j in range(n):
         out[j] = np.float32(codes[j]) * scales[j // block]
