@@ -3,6 +3,7 @@ activation codes they consume."""
 
 import numpy as np
 import pytest
+from gguf import GGML_QUANT_SIZES
 from kernel_helpers import (
     Q,
     llama_activations,
@@ -50,7 +51,7 @@ def test_codes_times_scales_are_the_rounded_activations(qtype):
 @pytest.mark.parametrize("qtype", FORMATS, ids=lambda q: q.name)
 def test_integer_matvec_matches_float64(qtype, blocks_per_row):
     """Every bit pattern of random blocks (all scale and min fields, negative d and dmin)."""
-    block = 256 if qtype in (Q.Q4_K, Q.Q6_K) else 32
+    block = GGML_QUANT_SIZES[qtype][0]
     weight = random_weight(qtype, rows=45, blocks_per_row=blocks_per_row * 256 // block, seed=blocks_per_row)
     for seed, x in enumerate(rows_with_edge_cases(weight.shape[1])):
         out = np.full(weight.shape[0], np.nan, dtype=np.float32)
@@ -65,7 +66,7 @@ def test_integer_matvec_matches_float64(qtype, blocks_per_row):
 def test_integer_matmul_matches_float64_and_does_not_depend_on_the_tile(qtype):
     """n rows go through tiles of four plus single rows; each row's product is bit-identical
     to the same row computed alone (decoding and prefill agree)."""
-    block = 256 if qtype in (Q.Q4_K, Q.Q6_K) else 32
+    block = GGML_QUANT_SIZES[qtype][0]
     weight = random_weight(qtype, rows=37, blocks_per_row=2 * 256 // block, seed=9)
     dequantized = weight.dequantize()
     for n in (2, 3, 4, 5, 16, 129):

@@ -12,7 +12,7 @@ vector IR directly, with those two instructions as `llvm.x86.avx2.*` intrinsics.
 Every block's integer sums are exact, in llama.cpp's lanes; the float side does what ggml's
 AVX2 vec_dot does: `acc = fma(d_weight * d_activation, float(lane sums), acc)` in 8 lanes per
 row (a stack buffer that LLVM keeps in registers), reduced once per row. The constant offsets
-of the codes (-8, -16, -32) are subtracted inside the integer sums through the activation code
+of the codes (-1, -8, -16, -32) are subtracted inside the integer sums through the activation code
 sums (Q8_0's block sums, Q8_K's 16-value bsums); Q4_K's mins meet the code sums in their own
 lanes; Q4_1's m meets ggml's Q8_1 block sums s = f16(d_x * sum of codes), as in ggml. Lanes
 are reduced in ggml's hsum_float_8 order. (Plain multiply-then-add instead of the FMA cost
@@ -23,7 +23,8 @@ One kernel per format serves decoding (one activation row) and prefill (n rows):
 activation rows meets each weight block once it is decoded, and a chunk of weight rows is the
 parallel work item. A product is bit-identical whether its activation row came alone or in a
 tile. Formats: Q4_0, Q4_1, Q5_0, Q8_0 (32-value blocks, Q8_0/Q8_1 activation codes) and Q4_K,
-Q6_K (256-value blocks, Q8_K codes): what the catalog's models are made of. Only used when Numba
+Q6_K, TQ2_0 (256-value blocks, Q8_K codes): what the catalog's models are made of, and the
+ternary format whose float kernel was slowest. Only used when Numba
 compiles for a host with AVX2 (`AVAILABLE`); elsewhere products.py keeps the float kernels,
 which give the same results up to float32 rounding.
 """
@@ -280,7 +281,33 @@ def _q4_1_codegen(builder, block, rows, count, acc):
         builder.store(builder.call(fma, [m, builder.load(rows.sums_at(t)), builder.load(offset_lane)]), offset_lane)
 
 
-_Q4_0, _Q5_0, _Q8_0, _Q4_K, _Q6_K, _Q4_1 = range(6)
+# TQ2_0 (66 bytes): 64 bytes of 2-bit codes, f16 d. Byte m of chunk c (32 bytes) holds values
+# 128c + 32l + m at bits 2l; the codes are 0..2 with an offset of -1, which goes through the
+# 16-value code sums. Per activation row, acc[0:8] gets d * d_x * ((q - 1) . codes).
+
+
+def _tq2_0_codegen(builder, block, rows, count, acc):
+    values = []
+    for c in range(2):
+        packed = _load(builder, block, 32 * c, _I8, 32)
+        for l in range(4):
+            shifted = builder.lshr(packed, _splat(_I8, 32, 2 * l)) if l else packed
+            values.append(builder.and_(shifted, _splat(_I8, 32, 3)))
+    # d is the block's last two bytes: the load ends with them.
+    d = _halves(builder, block, 58)[3]
+    for t in range(count):
+        codes = rows.codes_at(t)
+        # Eight pair sums of at most 2 * 2 * 127 each fit 16 bits: one vpmaddwd for the block.
+        pairs = ir.Constant(_vector(_I16, 16), None)
+        for i, value in enumerate(values):
+            pairs = builder.add(pairs, _madd_unsigned_signed(builder, value, _load(builder, codes, 32 * i, _I8, 32)))
+        total = _madd_words(builder, pairs, _splat(_I16, 16, 1))
+        sums16 = _load(builder, rows.sums_at(t), 0, _I32, 16)
+        offsets = builder.add(_pick(builder, sums16, range(0, 16, 2)), _pick(builder, sums16, range(1, 16, 2)))
+        _accumulate(builder, _acc_at(builder, acc, 8 * t), builder.fmul(d, rows.scale(t)), builder.sub(total, offsets))
+
+
+_Q4_0, _Q5_0, _Q8_0, _Q4_K, _Q6_K, _Q4_1, _TQ2_0 = range(7)
 # Per kind: bytes per block, values per block, values per code sum, acc lanes per activation
 # row, and the block's code generator.
 _FORMATS = {
@@ -290,9 +317,10 @@ _FORMATS = {
     _Q4_K: (144, 256, 16, 16, _q4_k_codegen),
     _Q6_K: (210, 256, 16, 8, _q6_k_codegen),
     _Q4_1: (20, 32, 32, 16, _q4_1_codegen),
+    _TQ2_0: (66, 256, 16, 8, _tq2_0_codegen),
 }
-_BLOCK_BYTES = tuple(_FORMATS[kind][0] for kind in range(6))
-_ACC_LANES = tuple(_FORMATS[kind][3] for kind in range(6))
+_BLOCK_BYTES = tuple(_FORMATS[kind][0] for kind in range(len(_FORMATS)))
+_ACC_LANES = tuple(_FORMATS[kind][3] for kind in range(len(_FORMATS)))
 # Activation rows per pass over a weight row: each decoded weight block then feeds four rows
 # (the accumulator on the stack holds 16 lanes for each).
 _TILE = 4
@@ -388,6 +416,11 @@ def products_q4_1(raw, codes, scales, sums, out):
 
 
 @njit(cache=True, nogil=True)
+def products_tq2_0(raw, codes, scales, sums, out):
+    _products(raw, codes, scales, sums, out, _TQ2_0)
+
+
+@njit(cache=True, nogil=True)
 def products_q4_k(raw, codes, scales, sums, out):
     _products(raw, codes, scales, sums, out, _Q4_K)
 
@@ -403,5 +436,5 @@ Q = GGMLQuantizationType
 # three activation inputs. One kernel serves matvec (n = 1) and matmul.
 KERNELS = {
     Q.Q4_0: products_q4_0, Q.Q4_1: products_q4_1, Q.Q5_0: products_q5_0, Q.Q8_0: products_q8_0,
-    Q.Q4_K: products_q4_k, Q.Q6_K: products_q6_k,
+    Q.Q4_K: products_q4_k, Q.Q6_K: products_q6_k, Q.TQ2_0: products_tq2_0,
 }
