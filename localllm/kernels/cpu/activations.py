@@ -138,11 +138,19 @@ def _codes_rows(X, block, codes, scales, sums):
         _codes_row(X[i], block, codes[i], scales[i], sums[i])
 
 
+def _sums_dtype(qtype, block):
+    if qtype in Q8_1_WEIGHTS:
+        return np.float32
+    # ggml's bsums are 16-bit (|a sum of 16 codes| <= 2032), which the K kernels multiply by
+    # 16-bit scales and mins with one vpmaddwd.
+    return np.int16 if block == Q8_K_BLOCK else np.int32
+
+
 def activation_codes(X: np.ndarray, qtype) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """X (float32, C-contiguous, last axis a multiple of `qtype`'s activation block) rounded to
     8 bits the way llama.cpp rounds activations for `qtype` weights: int8 codes shaped like X,
-    float32 scales per block (a value is code * scale) and int32 sums of the codes per 16
-    values (Q8_K, ggml's bsums) or per block (Q8_0), for weights whose codes carry an offset;
+    float32 scales per block (a value is code * scale) and sums of the codes, for weights whose
+    codes carry an offset: int16 per 16 values (Q8_K, ggml's bsums) or int32 per block (Q8_0);
     for Q4_1, float32 Q8_1 sums s instead."""
     block = ACTIVATION_BLOCK[qtype]
     rows = X.reshape(-1, X.shape[-1])
@@ -150,7 +158,7 @@ def activation_codes(X: np.ndarray, qtype) -> tuple[np.ndarray, np.ndarray, np.n
     sum_group = _sum_group(block)
     codes = np.empty(rows.shape, dtype=np.int8)
     scales = np.empty((rows.shape[0], cols // block), dtype=np.float32)
-    sums = np.empty((rows.shape[0], cols // sum_group), dtype=np.float32 if qtype in Q8_1_WEIGHTS else np.int32)
+    sums = np.empty((rows.shape[0], cols // sum_group), dtype=_sums_dtype(qtype, block))
     if rows.shape[0] == 1:
         # A decode step's single row: starting the thread pool would cost more than the work.
         _codes_row(rows[0], block, codes[0], scales[0], sums[0])

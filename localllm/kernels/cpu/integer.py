@@ -124,10 +124,29 @@ def _halves(builder, pointer, offset):
     return [builder.extract_element(floats, ir.Constant(_I32, i)) for i in range(4)]
 
 
+def _word_splats(builder, words, lanes):
+    """<16 x i16> vectors with words[lanes[k]] in 16-bit lane k (each index < 8 within each
+    128-bit half: [i] * 16, or [i] * 8 + [j] * 8), from <8 x i16> `words`.
+
+    One in-lane vpshufb each from the words copied into both halves, as inline assembly: LLVM
+    turns a shuffle intrinsic back into its own lowering of splats, a shift and a vpbroadcastw
+    per vector, on the same two shuffle ports."""
+    doubled = builder.bitcast(builder.shuffle_vector(words, words, ir.Constant(_vector(_I32, 16), list(range(8)) * 2)),
+                              _vector(_I8, 32))
+    shuffle = ir.FunctionType(_vector(_I8, 32), [_vector(_I8, 32)] * 2)
+    splats = []
+    for indices in lanes:
+        mask = ir.Constant(_vector(_I8, 32), [byte for word in indices for byte in (2 * word, 2 * word + 1)])
+        splat = builder.asm(shuffle, "vpshufb $2, $1, $0", "=x,x,x", [doubled, mask], side_effect=False)
+        splats.append(builder.bitcast(splat, _vector(_I16, 16)))
+    return splats
+
+
 class _Rows:
     """IR access to activation row `first + t` of an intrinsic's tile at block k: its codes,
-    code sums and scale (codes: int8[n, cols], sums: int32[n, cols / group], scales:
-    float32[n, cols / block], all C-contiguous with `n_blocks` blocks per row)."""
+    code sums and scale (codes: int8[n, cols], sums: [n, cols / group] (int16 for the K
+    formats, int32 or float32 for the 32-value ones), scales: float32[n, cols / block], all
+    C-contiguous with `n_blocks` blocks per row)."""
 
     def __init__(self, builder, codes, sums, scales, first, n_blocks, k, block, sum_group):
         self.builder, self.codes, self.sums, self.scales = builder, codes, sums, scales
@@ -172,24 +191,27 @@ def _q4_k_codegen(builder, block, rows, count, acc):
     concatenate = ir.Constant(_vector(_I32, 8), list(range(8)))
     scales = builder.zext(builder.shuffle_vector(builder.and_(low_scales, six_bits), scales_4_7, concatenate),
                           _vector(_I16, 8))
-    mins = builder.zext(builder.shuffle_vector(builder.and_(low_mins, six_bits), mins_4_7, concatenate),
-                        _vector(_I32, 8))
+    # Each min twice: one vpmaddwd with the 16-value code sums gives min_j * (sum of chunk j).
+    mins = builder.zext(builder.shuffle_vector(builder.and_(low_mins, six_bits), mins_4_7,
+                                               ir.Constant(_vector(_I32, 16), [j // 2 for j in range(16)])),
+                        _vector(_I16, 16))
     nibbles = []
     for j in range(4):
         packed = _load(builder, block, 16 + 32 * j, _I8, 32)
         nibbles += [builder.and_(packed, _splat(_I8, 32, 15)), builder.lshr(packed, _splat(_I8, 32, 4))]
     d, dmin = _halves(builder, block, 0)[:2]
+    scale_splats = _word_splats(builder, scales, [[i] * 16 for i in range(8)])
     for t in range(count):
         codes = rows.codes_at(t)
         total = ir.Constant(_vector(_I32, 8), None)
         for i, values in enumerate(nibbles):
             pairs = _madd_unsigned_signed(builder, values, _load(builder, codes, 32 * i, _I8, 32))
-            total = builder.add(total, _madd_words(builder, pairs, _pick(builder, scales, [i] * 16)))
+            total = builder.add(total, _madd_words(builder, pairs, scale_splats[i]))
         d_x = rows.scale(t)
         _accumulate(builder, _acc_at(builder, acc, 16 * t), builder.fmul(d, d_x), total)
-        sums16 = _load(builder, rows.sums_at(t), 0, _I32, 16)
-        sums32 = builder.add(_pick(builder, sums16, range(0, 16, 2)), _pick(builder, sums16, range(1, 16, 2)))
-        _accumulate(builder, _acc_at(builder, acc, 16 * t + 8), builder.fmul(dmin, d_x), builder.mul(mins, sums32))
+        code_sums = _load(builder, rows.sums_at(t), 0, _I16, 16)
+        _accumulate(builder, _acc_at(builder, acc, 16 * t + 8), builder.fmul(dmin, d_x),
+                    _madd_words(builder, code_sums, mins))
 
 
 # Q6_K (210 bytes): 128 bytes of low nibbles, 64 bytes of high bit pairs, 16 int8 scales, f16 d.
@@ -216,14 +238,17 @@ def _q6_k_codegen(builder, block, rows, count, acc):
         ]
     # d is the block's last two bytes: the load ends with them.
     d = _halves(builder, block, 202)[3]
+    scale_splats = []
+    for half in range(2):
+        words = _pick(builder, scales, range(8 * half, 8 * half + 8))
+        scale_splats += _word_splats(builder, words, [[2 * i] * 8 + [2 * i + 1] * 8 for i in range(4)])
     for t in range(count):
         codes = rows.codes_at(t)
         total = ir.Constant(_vector(_I32, 8), None)
         for i, value in enumerate(values):
             pairs = _madd_unsigned_signed(builder, value, _load(builder, codes, 32 * i, _I8, 32))
-            total = builder.add(total, _madd_words(builder, pairs, _pick(builder, scales, [2 * i] * 8 + [2 * i + 1] * 8)))
-        # |sum of 16 codes| <= 2032 fits 16 bits.
-        code_sums = builder.trunc(_load(builder, rows.sums_at(t), 0, _I32, 16), _vector(_I16, 16))
+            total = builder.add(total, _madd_words(builder, pairs, scale_splats[i]))
+        code_sums = _load(builder, rows.sums_at(t), 0, _I16, 16)
         offsets = builder.shl(_madd_words(builder, code_sums, scales), _splat(_I32, 8, 5))
         _accumulate(builder, _acc_at(builder, acc, 8 * t), builder.fmul(d, rows.scale(t)), builder.sub(total, offsets))
 
@@ -302,8 +327,7 @@ def _tq2_0_codegen(builder, block, rows, count, acc):
         for i, value in enumerate(values):
             pairs = builder.add(pairs, _madd_unsigned_signed(builder, value, _load(builder, codes, 32 * i, _I8, 32)))
         total = _madd_words(builder, pairs, _splat(_I16, 16, 1))
-        sums16 = _load(builder, rows.sums_at(t), 0, _I32, 16)
-        offsets = builder.add(_pick(builder, sums16, range(0, 16, 2)), _pick(builder, sums16, range(1, 16, 2)))
+        offsets = _madd_words(builder, _load(builder, rows.sums_at(t), 0, _I16, 16), _splat(_I16, 16, 1))
         _accumulate(builder, _acc_at(builder, acc, 8 * t), builder.fmul(d, rows.scale(t)), builder.sub(total, offsets))
 
 
@@ -431,9 +455,9 @@ def products_q6_k(raw, codes, scales, sums, out):
 
 
 Q = GGMLQuantizationType
-# products(raw, codes int8[n, cols], scales float32[n, blocks], code sums int32[n, cols / 16
-# (K formats) or cols / 32], out float32[n, rows]); activations.activation_codes makes the
-# three activation inputs. One kernel serves matvec (n = 1) and matmul.
+# products(raw, codes int8[n, cols], scales float32[n, blocks], code sums int16[n, cols / 16]
+# (K formats) or int32/float32[n, cols / 32], out float32[n, rows]); activations.activation_codes
+# makes the three activation inputs. One kernel serves matvec (n = 1) and matmul.
 KERNELS = {
     Q.Q4_0: products_q4_0, Q.Q4_1: products_q4_1, Q.Q5_0: products_q5_0, Q.Q8_0: products_q8_0,
     Q.Q4_K: products_q4_k, Q.Q6_K: products_q6_k, Q.TQ2_0: products_tq2_0,
