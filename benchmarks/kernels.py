@@ -26,7 +26,7 @@ from rich.table import Table
 
 from localllm.formats.quants import LAYOUTS
 from localllm.kernels.cpu import KERNELS, get_threads
-from localllm.kernels.cpu.activations import activation_codes, quantize_activations
+from localllm.kernels.cpu.activations import quantize_activations
 from localllm.kernels.cpu.bandwidth import read_bandwidth
 from localllm.kernels.cpu.products import INTEGER_PRODUCTS
 
@@ -74,8 +74,7 @@ def rounded_product(qtype, n):
     """What products.matvec (n = 1) or matmul runs on 8-bit-rounded activations, rounding
     included: the integer kernel where there is one, else the float kernel."""
     if qtype in INTEGER_PRODUCTS:
-        kernel = INTEGER_PRODUCTS[qtype]
-        return lambda raw, X, out: kernel(raw, *activation_codes(X, qtype), out)
+        return INTEGER_PRODUCTS[qtype]
     kernel = KERNELS[qtype][0 if n == 1 else 1]
     if n == 1:
         return lambda raw, X, out: kernel(raw, quantize_activations(X[0], qtype), out[0])

@@ -55,7 +55,7 @@ def test_integer_matvec_matches_float64(qtype, blocks_per_row):
     weight = random_weight(qtype, rows=45, blocks_per_row=blocks_per_row * 256 // block, seed=blocks_per_row)
     for seed, x in enumerate(rows_with_edge_cases(weight.shape[1])):
         out = np.full(weight.shape[0], np.nan, dtype=np.float32)
-        integer.KERNELS[qtype](weight.raw, *activation_codes(x[None], qtype), out[None])
+        integer.KERNELS[qtype](weight.raw, x[None], out[None])
         want = llama_product(weight, weight.dequantize(), x[None])[0]
         # A row of zero activations (one block of 256) must give exactly zero.
         assert np.linalg.norm(out - want) <= 1e-5 * np.linalg.norm(want), seed
@@ -72,10 +72,10 @@ def test_integer_matmul_matches_float64_and_does_not_depend_on_the_tile(qtype):
     for n in (2, 3, 4, 5, 16, 129):
         X = random_activations(n, weight.shape[1], seed=n)
         out = np.full((n, weight.shape[0]), np.nan, dtype=np.float32)
-        integer.KERNELS[qtype](weight.raw, *activation_codes(X, qtype), out)
+        integer.KERNELS[qtype](weight.raw, X, out)
         assert relative_error(out, llama_product(weight, dequantized, X)) <= 1e-5, n
         alone = np.empty((1, weight.shape[0]), dtype=np.float32)
-        integer.KERNELS[qtype](weight.raw, *activation_codes(X[-1:], qtype), alone)
+        integer.KERNELS[qtype](weight.raw, X[-1:], alone)
         np.testing.assert_array_equal(out[-1], alone[0])
 
 
@@ -103,6 +103,6 @@ def test_qwen_tensors(model_path, name):
     rows = min(tensor.shape[0], 2000)
     raw = np.ascontiguousarray(tensor.raw[:rows])
     out = np.empty(rows, dtype=np.float32)
-    integer.KERNELS[tensor.type](raw, *activation_codes(x[None], tensor.type), out[None])
+    integer.KERNELS[tensor.type](raw, x[None], out[None])
     want = reference_product(tensor.dequantize()[:rows], llama_activations(x[None], tensor.type))[0]
     assert relative_error(out, want) <= 1e-5

@@ -14,7 +14,7 @@ from kernel_helpers import (
 
 from localllm import KernelError
 from localllm.formats.gguf import open_gguf
-from localllm.kernels.cpu import KERNELS, embed, get_threads, matmul, matvec, set_threads, warm_up
+from localllm.kernels.cpu import KERNELS, CheckedWeight, embed, get_threads, matmul, matvec, set_threads, warm_up
 from localllm.kernels.cpu.activations import quantize_activations
 from localllm.kernels.cpu.threads import max_threads
 
@@ -239,3 +239,17 @@ def test_unsupported_type_and_object():
         matvec(iq, np.zeros(256, dtype=np.float32))
     with pytest.raises(KernelError, match=r"\.raw"):
         matvec(np.zeros((2, 2), dtype=np.float32), np.zeros(2, dtype=np.float32))
+
+
+def test_checked_weight_is_checked_once_and_gives_the_same_products():
+    weight = random_case(Q.Q4_1, 3, rows=9)
+    checked = CheckedWeight(weight)
+    assert checked.shape == weight.shape and checked.type == weight.type and checked.name == weight.name
+    X = random_activations(5, weight.shape[1])
+    np.testing.assert_array_equal(matmul(checked, X), matmul(weight, X))
+    np.testing.assert_array_equal(matvec(checked, X[0]), matvec(weight, X[0]))
+    np.testing.assert_array_equal(embed(checked, [8, 0]), embed(weight, [8, 0]))
+    with pytest.raises(KernelError, match="need 6x36"):
+        CheckedWeight(RawWeight(Q.Q4_0, np.zeros((6, 35), dtype=np.uint8), (6, 64)))
+    with pytest.raises(KernelError, match="63 values per row"):
+        matvec(checked, np.zeros(63, dtype=np.float32))

@@ -9,11 +9,12 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from localllm.kernels.cpu.attention import attention
 from localllm.kernels.cpu.ops import geglu, rms_norm, rope, softmax, swiglu, warm_up_ops
-from localllm.kernels.cpu.products import KERNELS, embed, matmul, matvec
+from localllm.kernels.cpu.products import KERNELS, CheckedWeight, embed, matmul, matvec
 from localllm.kernels.cpu.threads import get_threads, set_threads
 
 __all__ = [
     "KERNELS",
+    "CheckedWeight",
     "attention",
     "embed",
     "geglu",

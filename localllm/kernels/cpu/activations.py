@@ -146,6 +146,22 @@ def _sums_dtype(qtype, block):
     return np.int16 if block == Q8_K_BLOCK else np.int32
 
 
+@njit(**_OPTIONS)
+def codes_of(rows, block, sums_dtype):
+    """activation_codes for 2-D rows, inside compiled code: the integer kernels round their
+    activations in the same call that multiplies them (one dispatch per product)."""
+    n, cols = rows.shape
+    codes = np.empty((n, cols), dtype=np.int8)
+    scales = np.empty((n, cols // block), dtype=np.float32)
+    sums = np.empty((n, cols // _sum_group(block)), dtype=sums_dtype)
+    if n == 1:
+        # A decode step's single row: starting the thread pool would cost more than the work.
+        _codes_row(rows[0], block, codes[0], scales[0], sums[0])
+    else:
+        _codes_rows(rows, block, codes, scales, sums)
+    return codes, scales, sums
+
+
 def activation_codes(X: np.ndarray, qtype) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """X (float32, C-contiguous, last axis a multiple of `qtype`'s activation block) rounded to
     8 bits the way llama.cpp rounds activations for `qtype` weights: int8 codes shaped like X,
@@ -153,17 +169,7 @@ def activation_codes(X: np.ndarray, qtype) -> tuple[np.ndarray, np.ndarray, np.n
     codes carry an offset: int16 per 16 values (Q8_K, ggml's bsums) or int32 per block (Q8_0);
     for Q4_1, float32 Q8_1 sums s instead."""
     block = ACTIVATION_BLOCK[qtype]
-    rows = X.reshape(-1, X.shape[-1])
-    cols = rows.shape[1]
-    sum_group = _sum_group(block)
-    codes = np.empty(rows.shape, dtype=np.int8)
-    scales = np.empty((rows.shape[0], cols // block), dtype=np.float32)
-    sums = np.empty((rows.shape[0], cols // sum_group), dtype=_sums_dtype(qtype, block))
-    if rows.shape[0] == 1:
-        # A decode step's single row: starting the thread pool would cost more than the work.
-        _codes_row(rows[0], block, codes[0], scales[0], sums[0])
-    else:
-        _codes_rows(rows, block, codes, scales, sums)
+    codes, scales, sums = codes_of(X.reshape(-1, X.shape[-1]), block, _sums_dtype(qtype, block))
     lead = X.shape[:-1]
     return codes.reshape(X.shape), scales.reshape(*lead, -1), sums.reshape(*lead, -1)
 

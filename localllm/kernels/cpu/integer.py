@@ -37,6 +37,7 @@ from numba import literally, njit, prange, types
 from numba.core import cgutils, config
 from numba.extending import intrinsic
 
+from localllm.kernels.cpu.activations import codes_of
 from localllm.kernels.cpu.pointers import data_pointer, stack_pointer
 
 # Numba targets the host CPU unless told otherwise (NUMBA_CPU_NAME / NUMBA_CPU_FEATURES, e.g.
@@ -420,44 +421,51 @@ def _products(raw, codes, scales, sums, out, kind):
 
 
 @njit(cache=True, nogil=True)
-def products_q4_0(raw, codes, scales, sums, out):
+def products_q4_0(raw, X, out):
+    codes, scales, sums = codes_of(X, 32, np.int32)
     _products(raw, codes, scales, sums, out, _Q4_0)
 
 
 @njit(cache=True, nogil=True)
-def products_q5_0(raw, codes, scales, sums, out):
+def products_q5_0(raw, X, out):
+    codes, scales, sums = codes_of(X, 32, np.int32)
     _products(raw, codes, scales, sums, out, _Q5_0)
 
 
 @njit(cache=True, nogil=True)
-def products_q8_0(raw, codes, scales, sums, out):
+def products_q8_0(raw, X, out):
+    codes, scales, sums = codes_of(X, 32, np.int32)
     _products(raw, codes, scales, sums, out, _Q8_0)
 
 
 @njit(cache=True, nogil=True)
-def products_q4_1(raw, codes, scales, sums, out):
+def products_q4_1(raw, X, out):
+    codes, scales, sums = codes_of(X, 32, np.float32)
     _products(raw, codes, scales, sums, out, _Q4_1)
 
 
 @njit(cache=True, nogil=True)
-def products_tq2_0(raw, codes, scales, sums, out):
-    _products(raw, codes, scales, sums, out, _TQ2_0)
-
-
-@njit(cache=True, nogil=True)
-def products_q4_k(raw, codes, scales, sums, out):
+def products_q4_k(raw, X, out):
+    codes, scales, sums = codes_of(X, 256, np.int16)
     _products(raw, codes, scales, sums, out, _Q4_K)
 
 
 @njit(cache=True, nogil=True)
-def products_q6_k(raw, codes, scales, sums, out):
+def products_q6_k(raw, X, out):
+    codes, scales, sums = codes_of(X, 256, np.int16)
     _products(raw, codes, scales, sums, out, _Q6_K)
 
 
+@njit(cache=True, nogil=True)
+def products_tq2_0(raw, X, out):
+    codes, scales, sums = codes_of(X, 256, np.int16)
+    _products(raw, codes, scales, sums, out, _TQ2_0)
+
+
 Q = GGMLQuantizationType
-# products(raw, codes int8[n, cols], scales float32[n, blocks], code sums int16[n, cols / 16]
-# (K formats) or int32/float32[n, cols / 32], out float32[n, rows]); activations.activation_codes
-# makes the three activation inputs. One kernel serves matvec (n = 1) and matmul.
+# products(raw, X float32[n, cols], out float32[n, rows]): X rounded to 8-bit codes
+# (activations.codes_of, ggml's Q8_0 / Q8_1 / Q8_K for the format) and multiplied, in one call.
+# One kernel serves matvec (n = 1) and matmul.
 KERNELS = {
     Q.Q4_0: products_q4_0, Q.Q4_1: products_q4_1, Q.Q5_0: products_q5_0, Q.Q8_0: products_q8_0,
     Q.Q4_K: products_q4_k, Q.Q6_K: products_q6_k, Q.TQ2_0: products_tq2_0,

@@ -13,8 +13,8 @@ over output rows with prange):
                                            bit-exact with gguf.quants.dequantize
 
 integer.py adds, for the formats llama.cpp's models mostly use, one kernel per format for both
-products on 8-bit activation codes (activations.activation_codes), used when activations are
-rounded and the CPU has AVX2.
+products, ``products(raw, X, out)``, which rounds X to 8-bit codes and multiplies those; used
+when activations are rounded and the CPU has AVX2.
 
 Kernels assume validated inputs. This module validates everything first (dtypes, contiguity,
 row_bytes == cols / block_size * type_size, lengths, id ranges, out shapes) and raises
@@ -28,7 +28,7 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from localllm.errors import KernelError
 from localllm.kernels.cpu import floats, integer, kquants, legacy
-from localllm.kernels.cpu.activations import activation_codes, quantize_activations
+from localllm.kernels.cpu.activations import quantize_activations
 from localllm.kernels.cpu.threads import apply_threads
 
 KERNELS = {**floats.KERNELS, **legacy.KERNELS, **kquants.KERNELS}
@@ -43,8 +43,27 @@ def _type_name(qtype) -> str:
     return getattr(qtype, "name", str(qtype))
 
 
+class CheckedWeight:
+    """A weight (anything with .raw, .type and .shape) checked once for the products, with its
+    raw bytes held: a decode step makes hundreds of products on the same weights, and checking
+    them and viewing the map again cost microseconds each time."""
+
+    __slots__ = ("raw", "type", "shape", "name", "_checked")
+
+    def __init__(self, weight):
+        self._checked = _check_weight(weight)
+        self.raw, self.type, rows, cols = self._checked
+        self.shape = (rows, cols)
+        self.name = getattr(weight, "name", "weight")
+
+    def __repr__(self) -> str:
+        return f"CheckedWeight({self.name!r}, {_type_name(self.type)}, shape={self.shape})"
+
+
 def _check_weight(weight) -> tuple[np.ndarray, GGMLQuantizationType, int, int]:
     """The weight's raw bytes, type, rows and cols, after checking they agree with each other."""
+    if type(weight) is CheckedWeight:
+        return weight._checked
     try:
         raw, qtype, shape = weight.raw, weight.type, tuple(weight.shape)
     except AttributeError as exc:
@@ -107,7 +126,7 @@ def matvec(weight, x: np.ndarray, out: np.ndarray | None = None, *, quantize: bo
     out = _check_out(out, (rows,))
     apply_threads()
     if quantize and qtype in INTEGER_PRODUCTS:
-        INTEGER_PRODUCTS[qtype](raw, *activation_codes(x[None], qtype), out[None])
+        INTEGER_PRODUCTS[qtype](raw, x[None], out[None])
         return out
     if quantize:
         x = quantize_activations(x, qtype)
@@ -128,7 +147,7 @@ def matmul(weight, X: np.ndarray, out: np.ndarray | None = None, *, quantize: bo
         return out
     apply_threads()
     if quantize and qtype in INTEGER_PRODUCTS:
-        INTEGER_PRODUCTS[qtype](raw, *activation_codes(X, qtype), out)
+        INTEGER_PRODUCTS[qtype](raw, X, out)
         return out
     if quantize:
         X = quantize_activations(X, qtype)

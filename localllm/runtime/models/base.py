@@ -125,11 +125,11 @@ class Weights:
         return name in self._gguf.tensors
 
     def matrix(self, name: str, rows: int, cols: int):
-        """A quantized weight used by matvec/matmul: shape (rows, cols)."""
+        """A quantized weight used by matvec/matmul: shape (rows, cols), checked once."""
         tensor = self._get(name)
         if tuple(tensor.shape) != (rows, cols):
             raise ModelError(f"tensor {name} in {self.source} has shape {tuple(tensor.shape)}, expected {(rows, cols)}")
-        return tensor
+        return kernels.CheckedWeight(tensor)
 
     def vector(self, name: str, size: int) -> np.ndarray:
         """A small float32 vector (norm weight, bias), dequantized once."""
