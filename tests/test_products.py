@@ -1,5 +1,10 @@
 """Products for the float and legacy (32-value block) formats against float64 NumPy."""
 
+import json
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 from kernel_helpers import (
@@ -158,9 +163,38 @@ def test_products_do_not_depend_on_the_thread_count(qtype):
 @pytest.mark.slow
 def test_warm_up_reports_progress():
     seen = []
-    warm_up(types=[Q.Q4_0, Q.F16], progress=lambda label, done, total: seen.append((label, done, total)))
+    warm_up(types=[Q.Q4_0, Q.F16], progress=lambda label, done, total: seen.append((label, done, total)),
+            processes=1)
     assert [done for _, done, _ in seen] == [0, 1, 2]
     assert all(total == 3 for _, _, total in seen)
+
+
+PARALLEL_WARM_UP = """
+import json
+from gguf import GGMLQuantizationType as Q
+from localllm.kernels.cpu import warm_up
+seen = []
+warm_up(types=[Q.Q4_0, Q.Q5_1], progress=lambda label, done, total: seen.append([label, done, total]), processes=2)
+print(json.dumps(seen))
+"""
+
+
+@pytest.mark.slow
+def test_parallel_warm_up_compiles_in_two_processes_into_one_cache(tmp_path):
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path))
+    result = subprocess.run([sys.executable, "-c", PARALLEL_WARM_UP], env=env, capture_output=True, text=True,
+                            check=True, timeout=600)
+    seen = json.loads(result.stdout.splitlines()[-1])
+    labels = [label for label, _, _ in seen]
+    assert labels[0] == "activation rounding" and "other kernels (second process)" in labels, labels
+    assert [done for _, done, _ in seen] == list(range(len(seen)))
+    assert all(total == len(seen) for _, _, total in seen)
+    # The second process left the legacy kernels (Q5_1's float products, both embedding
+    # lookups) in the shared cache; this process compiled the integer product and the ops.
+    cached = {path.name.split("-")[0] for path in tmp_path.rglob("*.nbi")}
+    expected = {"legacy.matvec_q5_1", "legacy.dequantize_rows_q4_0", "legacy.dequantize_rows_q5_1",
+                "integer.products_q4_0", "attention._attention_kernel"}
+    assert expected <= cached, expected - cached
 
 
 # Bad input is refused before any kernel runs.

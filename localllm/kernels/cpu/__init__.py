@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import time
 from collections.abc import Callable, Iterable
+from functools import partial
+from pathlib import Path
 
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
+from localllm.kernels.cpu.activations import warm_up_rows
 from localllm.kernels.cpu.attention import attention
 from localllm.kernels.cpu.ops import geglu, rms_norm, rope, softmax, swiglu, warm_up_ops
-from localllm.kernels.cpu.products import KERNELS, CheckedWeight, embed, matmul, matvec
+from localllm.kernels.cpu.products import INTEGER_PRODUCTS, KERNELS, CheckedWeight, embed, matmul, matvec
 from localllm.kernels.cpu.threads import get_threads, set_threads
 
 __all__ = [
@@ -26,39 +33,110 @@ __all__ = [
     "set_threads",
     "softmax",
     "swiglu",
+    "warm_float_kernels",
     "warm_up",
 ]
 
+# A warm_up whose activation-rounding step takes longer than this is compiling, not loading.
+_COLD_CACHE_SECONDS = 0.3
+# Types whose kernels are all in floats.py: a parallel warm_up's first process compiles them.
+_FLOAT_TYPES = (GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizationType.BF16)
+
 
 class _TinyWeight:
-    """Two zero rows of one block: enough to give every kernel its runtime signature."""
+    """Two zero rows of one block: enough to give every kernel its runtime signature (read-only
+    bytes, as a model's weights are views of a read-only map; writable ones compile apart)."""
 
     def __init__(self, qtype: GGMLQuantizationType):
         block_size, type_size = GGML_QUANT_SIZES[qtype]
         self.type = qtype
         self.name = f"warm-up {qtype.name}"
         self.raw = np.zeros((2, type_size), dtype=np.uint8)
+        self.raw.flags.writeable = False
         self.shape = (2, block_size)
 
 
+def _warm_products(qtype: GGMLQuantizationType) -> None:
+    weight = _TinyWeight(qtype)
+    cols = weight.shape[1]
+    matvec(weight, np.zeros(cols, dtype=np.float32))
+    matmul(weight, np.zeros((2, cols), dtype=np.float32))
+
+
+def _warm_embed(qtype: GGMLQuantizationType) -> None:
+    embed(_TinyWeight(qtype), np.zeros(1, dtype=np.int64))
+
+
+def warm_float_kernels(type_names: list[str]) -> None:
+    """The second process of a parallel warm_up: the legacy and K-quant kernels (legacy.py,
+    kquants.py) of the named types, i.e. their embedding lookups and, where there is no
+    integer kernel, their products. The first process compiles none of these, so the two
+    never write entries of the same function to Numba's cache."""
+    for name in type_names:
+        qtype = GGMLQuantizationType[name]
+        if qtype not in _FLOAT_TYPES:
+            _warm_embed(qtype)
+            if qtype not in INTEGER_PRODUCTS:
+                _warm_products(qtype)
+
+
+def _start_float_worker(types: list[GGMLQuantizationType]) -> subprocess.Popen:
+    package_root = str(Path(__file__).resolve().parents[3])
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")])))
+    script = "import sys; from localllm.kernels.cpu import warm_float_kernels; warm_float_kernels(sys.argv[1:])"
+    return subprocess.Popen([sys.executable, "-c", script, *(qtype.name for qtype in types)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
 def warm_up(types: Iterable[GGMLQuantizationType] | None = None,
-            progress: Callable[[str, int, int], None] | None = None) -> None:
-    """Compile, or load from Numba's on-disk cache, the product kernels of `types` (default:
-    every supported format) and the transformer ops.
+            progress: Callable[[str, int, int], None] | None = None,
+            processes: int | None = None) -> None:
+    """Compile, or load from Numba's on-disk cache, the product and embedding kernels of `types`
+    (default: every supported format) and the transformer ops.
 
     `progress(label, done, total)` is called before each step; a cold cache takes tens of
-    seconds, a warm one about a second.
+    seconds, a warm one about a second. With `processes` > 1 (default: 2 where there are two
+    cores) and a cold cache, a second Python process compiles the legacy and K-quant kernels
+    (warm_float_kernels) into the shared cache while this one compiles the integer products,
+    the F32/F16/BF16 kernels and the ops; this process then loads what the other compiled (and
+    compiles whatever it could not).
     """
     selected = list(KERNELS) if types is None else list(types)
-    total = len(selected) + 1
-    for done, qtype in enumerate(selected):
-        if progress is not None:
-            progress(f"{qtype.name} kernels", done, total)
-        weight = _TinyWeight(qtype)
-        cols = weight.shape[1]
-        matvec(weight, np.zeros(cols, dtype=np.float32))
-        matmul(weight, np.zeros((2, cols), dtype=np.float32))
-        embed(weight, np.zeros(1, dtype=np.int64))
+    if processes is None:
+        processes = min(2, os.cpu_count() or 1)
+    if processes == 1:
+        steps = [(f"{qtype.name} kernels", partial(_warm_type, qtype)) for qtype in selected]
+        steps.append(("transformer ops", warm_up_ops))
+        _run_steps(steps, progress, 0)
+        return
+    here = [qtype for qtype in selected if qtype in INTEGER_PRODUCTS or qtype in _FLOAT_TYPES]
+    total = len(here) + 4
     if progress is not None:
-        progress("transformer ops", total - 1, total)
-    warm_up_ops()
+        progress("activation rounding", 0, total)
+    started = time.perf_counter()
+    warm_up_rows()
+    # Loaded from the cache in a blink: the rest most likely is cached too, and a second
+    # process would only cost its start-up.
+    worker = _start_float_worker(selected) if time.perf_counter() - started > _COLD_CACHE_SECONDS else None
+    steps = [(f"{qtype.name} kernels", partial(_warm_type if qtype in _FLOAT_TYPES else _warm_products, qtype))
+             for qtype in here]
+    steps.append(("transformer ops", warm_up_ops))
+    if worker is None:
+        steps.append(("other kernels", partial(warm_float_kernels, [qtype.name for qtype in selected])))
+    else:
+        steps.append(("other kernels (second process)", worker.wait))
+    steps.append(("loading kernels", partial(warm_up, selected, None, 1)))
+    _run_steps(steps, progress, 1)
+
+
+def _run_steps(steps, progress, first: int) -> None:
+    total = first + len(steps)
+    for done, (label, step) in enumerate(steps, start=first):
+        if progress is not None:
+            progress(label, done, total)
+        step()
+
+
+def _warm_type(qtype: GGMLQuantizationType) -> None:
+    _warm_products(qtype)
+    _warm_embed(qtype)

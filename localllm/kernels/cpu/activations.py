@@ -162,6 +162,17 @@ def codes_of(rows, block, sums_dtype):
     return codes, scales, sums
 
 
+def warm_up_rows() -> None:
+    """Compile, or load, the one-row rounding for each code-sum dtype. Kernels compiled in both
+    processes of a parallel warm_up call it, so it is compiled before they start (two processes
+    adding entries for one function to Numba's cache at once could lose one)."""
+    x = np.zeros(Q8_K_BLOCK, dtype=np.float32)
+    for block, dtype in ((Q8_0_BLOCK, np.int32), (Q8_0_BLOCK, np.float32), (Q8_K_BLOCK, np.int16)):
+        codes = np.empty(x.shape[0], dtype=np.int8)
+        scales = np.empty(x.shape[0] // block, dtype=np.float32)
+        _codes_row(x, block, codes, scales, np.empty(x.shape[0] // _sum_group(block), dtype=dtype))
+
+
 def activation_codes(X: np.ndarray, qtype) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """X (float32, C-contiguous, last axis a multiple of `qtype`'s activation block) rounded to
     8 bits the way llama.cpp rounds activations for `qtype` weights: int8 codes shaped like X,

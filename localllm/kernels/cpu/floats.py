@@ -89,8 +89,11 @@ def matmul_f32(raw, X, out):
 @njit(**_OPTIONS)
 def dequantize_rows_f32(raw, row_ids, out):
     weights = raw.view(np.float32)
+    # An element loop: a slice assignment compiles Numba's shape-mismatch error formatting.
     for i in range(row_ids.shape[0]):
-        out[i, :] = weights[row_ids[i]]
+        row = weights[row_ids[i]]
+        for j in range(row.shape[0]):
+            out[i, j] = row[j]
 
 
 # F16

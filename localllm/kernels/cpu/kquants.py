@@ -505,73 +505,75 @@ def matvec_tq2_0(raw, x, out):
             out[r] = total - shifted
 
 
-# Per-format entry points with the kernel convention's signatures.
+# Per-format entry points with the kernel convention's signatures. The prange index is cast to
+# int64: Numba types it int64 before parfor conversion and uint64 after, and would compile each
+# callee twice.
 
 
 @njit(cache=True, nogil=True, parallel=True)
 def matvec_q2_k(raw, x, out):
     for chunk in prange((raw.shape[0] + ROW_CHUNK - 1) // ROW_CHUNK):
-        _matvec_chunk(raw, x, out, chunk, _Q2_K)
+        _matvec_chunk(raw, x, out, np.int64(chunk), _Q2_K)
 
 
 @njit(cache=True, nogil=True, parallel=True)
 def matvec_q3_k(raw, x, out):
     for chunk in prange((raw.shape[0] + ROW_CHUNK - 1) // ROW_CHUNK):
-        _matvec_chunk(raw, x, out, chunk, _Q3_K)
+        _matvec_chunk(raw, x, out, np.int64(chunk), _Q3_K)
 
 
 @njit(cache=True, nogil=True, parallel=True)
 def matvec_q5_k(raw, x, out):
     for chunk in prange((raw.shape[0] + ROW_CHUNK - 1) // ROW_CHUNK):
-        _matvec_chunk(raw, x, out, chunk, _Q5_K)
+        _matvec_chunk(raw, x, out, np.int64(chunk), _Q5_K)
 
 
 @njit(cache=True, nogil=True, parallel=True)
 def matvec_tq1_0(raw, x, out):
     for chunk in prange((raw.shape[0] + ROW_CHUNK - 1) // ROW_CHUNK):
-        _matvec_chunk(raw, x, out, chunk, _TQ1_0)
+        _matvec_chunk(raw, x, out, np.int64(chunk), _TQ1_0)
 
 
 @njit(cache=True, nogil=True, parallel=True)
 def matmul_q2_k(raw, X, out):
     for tile in prange((raw.shape[0] + ROW_TILE - 1) // ROW_TILE):
-        _matmul_tile(raw, X, out, tile, _Q2_K)
+        _matmul_tile(raw, X, out, np.int64(tile), _Q2_K)
 
 
 @njit(cache=True, nogil=True, parallel=True)
 def matmul_q3_k(raw, X, out):
     for tile in prange((raw.shape[0] + ROW_TILE - 1) // ROW_TILE):
-        _matmul_tile(raw, X, out, tile, _Q3_K)
+        _matmul_tile(raw, X, out, np.int64(tile), _Q3_K)
 
 
 @njit(cache=True, nogil=True, parallel=True)
 def matmul_q4_k(raw, X, out):
     for tile in prange((raw.shape[0] + ROW_TILE - 1) // ROW_TILE):
-        _matmul_tile(raw, X, out, tile, _Q4_K)
+        _matmul_tile(raw, X, out, np.int64(tile), _Q4_K)
 
 
 @njit(cache=True, nogil=True, parallel=True)
 def matmul_q5_k(raw, X, out):
     for tile in prange((raw.shape[0] + ROW_TILE - 1) // ROW_TILE):
-        _matmul_tile(raw, X, out, tile, _Q5_K)
+        _matmul_tile(raw, X, out, np.int64(tile), _Q5_K)
 
 
 @njit(cache=True, nogil=True, parallel=True)
 def matmul_q6_k(raw, X, out):
     for tile in prange((raw.shape[0] + ROW_TILE - 1) // ROW_TILE):
-        _matmul_tile(raw, X, out, tile, _Q6_K)
+        _matmul_tile(raw, X, out, np.int64(tile), _Q6_K)
 
 
 @njit(cache=True, nogil=True, parallel=True)
 def matmul_tq1_0(raw, X, out):
     for tile in prange((raw.shape[0] + ROW_TILE - 1) // ROW_TILE):
-        _matmul_tile(raw, X, out, tile, _TQ1_0)
+        _matmul_tile(raw, X, out, np.int64(tile), _TQ1_0)
 
 
 @njit(cache=True, nogil=True, parallel=True)
 def matmul_tq2_0(raw, X, out):
     for tile in prange((raw.shape[0] + ROW_TILE - 1) // ROW_TILE):
-        _matmul_tile(raw, X, out, tile, _TQ2_0)
+        _matmul_tile(raw, X, out, np.int64(tile), _TQ2_0)
 
 
 @njit(cache=True, nogil=True)

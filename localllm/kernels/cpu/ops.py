@@ -16,6 +16,9 @@ from localllm.kernels.cpu.threads import apply_threads
 # IEEE infinities and NaNs (masked scores are -inf).
 FAST_REDUCTION = {"reassoc", "contract", "nsz"}
 
+# The parallel ops cast the prange index to int64 when they pass it on: Numba types it int64
+# before parfor conversion and uint64 after, and would compile the per-row function twice.
+
 # Element-wise ops hand each thread runs of this many values; smaller inputs run serially,
 # where a thread launch would cost more than the work.
 _ELEMENTWISE_BLOCK = 8192
@@ -90,7 +93,7 @@ def _rms_norm_row(x, weight, has_weight, eps, out, row):
 @numba.njit(cache=True, nogil=True, parallel=True)
 def _rms_norm_parallel(x, weight, has_weight, eps, out):
     for row in numba.prange(x.shape[0]):
-        _rms_norm_row(x, weight, has_weight, eps, out, row)
+        _rms_norm_row(x, weight, has_weight, eps, out, np.int64(row))
 
 
 @numba.njit(cache=True, nogil=True)
@@ -169,7 +172,7 @@ def _rope_token(x, positions, frequencies, neox, token):
 @numba.njit(cache=True, nogil=True, parallel=True)
 def _rope_parallel(x, positions, frequencies, neox):
     for token in numba.prange(x.shape[0]):
-        _rope_token(x, positions, frequencies, neox, token)
+        _rope_token(x, positions, frequencies, neox, np.int64(token))
 
 
 @numba.njit(cache=True, nogil=True)
@@ -240,7 +243,7 @@ def _softmax_row(x, out, row):
 @numba.njit(cache=True, nogil=True, parallel=True)
 def _softmax_parallel(x, out):
     for row in numba.prange(x.shape[0]):
-        _softmax_row(x, out, row)
+        _softmax_row(x, out, np.int64(row))
 
 
 @numba.njit(cache=True, nogil=True)
@@ -347,15 +350,14 @@ def warm_up_ops() -> None:
         softmax(x)
         swiglu(x, x)
         geglu(x, x)
+    # The runtime's KV cache keeps int32 positions; int64 ones compile on first use (each dtype
+    # costs about ten seconds of a cold compile).
     for n in (1, big_rows):
-        for dtype in POSITION_DTYPES:
-            positions = np.arange(n, dtype=dtype)
-            for neox in (False, True):
-                rope(np.zeros((n, 1, 64), dtype=np.float32), positions, n_rot=64,
-                     base=10000.0, neox=neox)
+        positions = np.arange(n, dtype=np.int32)
+        for neox in (False, True):
+            rope(np.zeros((n, 1, 64), dtype=np.float32), positions, n_rot=64, base=10000.0, neox=neox)
     for n in (1, 3):
-        for dtype in POSITION_DTYPES:
-            positions = np.arange(n, dtype=dtype)
-            q = rng.standard_normal((n, 2, 8), dtype=np.float32)
-            kv = rng.standard_normal((n, 1, 8), dtype=np.float32)
-            attention(q, kv, kv, positions, positions, scale=0.35)
+        positions = np.arange(n, dtype=np.int32)
+        q = rng.standard_normal((n, 2, 8), dtype=np.float32)
+        kv = rng.standard_normal((n, 1, 8), dtype=np.float32)
+        attention(q, kv, kv, positions, positions, scale=0.35)

@@ -86,6 +86,11 @@ def _check_weight(weight) -> tuple[np.ndarray, GGMLQuantizationType, int, int]:
     if raw.shape != (rows, row_bytes):
         raise KernelError(f"{name}: raw data is {raw.shape[0]}x{raw.shape[1]} bytes, but {rows} rows of "
                           f"{cols} {_type_name(qtype)} values need {rows}x{row_bytes}")
+    if raw.flags.writeable:
+        # The kernels take read-only bytes, as a model's weights (views of a read-only map) are:
+        # writable ones would compile every kernel a second time.
+        raw = raw.view()
+        raw.flags.writeable = False
     return raw, qtype, rows, cols
 
 
