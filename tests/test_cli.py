@@ -345,3 +345,17 @@ def test_unwritable_home_fails_with_one_line(tmp_path):
     result = run_cli("pull", SMOLLM, home=not_a_directory / "home")
     assert_one_line_error(result)
     assert "cannot stage a pull of smollm2-135m-instruct" in result.stderr
+
+
+def test_compile_notice_stays_quiet_while_kernels_load_from_the_cache(capsys, monkeypatch):
+    from localllm.runtime import cli
+
+    notice = cli._CompileNotice()
+    notice("Q4_1 kernels", 0, 3)
+    assert capsys.readouterr().err == ""
+    monkeypatch.setattr(cli._CompileNotice, "QUIET_SECONDS", 0.0)
+    notice("transformer ops", 1, 3)
+    notice("loading kernels", 2, 3)
+    err = capsys.readouterr().err.splitlines()
+    assert err[0].startswith("compiling the CPU kernels (first run only")
+    assert err[1:] == ["  [2/3] transformer ops", "  [3/3] loading kernels"]

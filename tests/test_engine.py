@@ -9,6 +9,7 @@ from conftest import load_reference
 from localllm.errors import ContextOverflowError, InvalidParameterError
 from localllm.formats.gguf import open_gguf
 from localllm.formats.tokenizer import Tokenizer
+from localllm.kernels.cpu.products import INTEGER_PRODUCTS
 from localllm.runtime.engine import Chunk, Generation, GenerationLock, GenerationRequest
 from localllm.runtime.models import load_model
 
@@ -281,3 +282,16 @@ def test_chat_prompt_matches_llama_cpp_and_answers(llm):
 def test_llm_rejects_a_prompt_over_its_context(llm):
     with pytest.raises(ContextOverflowError, match="prompt has 600 tokens but the context holds 512"):
         llm.generate([1] * 600)
+
+
+def test_loading_warms_up_every_kernel_the_model_needs(model_path):
+    from localllm.runtime.llm import LLM
+
+    seen = []
+    with LLM(model_path(SMOLLM), n_ctx=64, compile_progress=lambda *step: seen.append(step)) as llm:
+        integer_types = {t.type.name for t in llm.gguf.tensors.values() if t.type in INTEGER_PRODUCTS}
+        labels = [label for label, _, _ in seen]
+        assert "Q4_1 kernels" in labels and {f"{name} kernels" for name in integer_types} <= set(labels), labels
+        assert "transformer ops" in labels
+        assert [done for _, done, _ in seen] == list(range(len(seen)))
+        assert llm.generate("Hello", temperature=0, max_tokens=2).token_ids

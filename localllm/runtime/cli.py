@@ -13,6 +13,7 @@ import os
 import signal
 import sys
 import threading
+import time
 import traceback
 from pathlib import Path
 from collections.abc import Callable
@@ -168,6 +169,26 @@ def _interrupt_sets(cancel: threading.Event):
         signal.signal(signal.SIGINT, previous)
 
 
+class _CompileNotice:
+    """warm_up's progress on stderr, once loading has taken long enough to be compiling: a cold
+    Numba cache, on the first run on a machine (a warm one loads everything in about a second)."""
+
+    QUIET_SECONDS = 2.0
+
+    def __init__(self):
+        self._started = time.perf_counter()
+        self._announced = False
+
+    def __call__(self, label: str, done: int, total: int) -> None:
+        if time.perf_counter() - self._started < self.QUIET_SECONDS:
+            return
+        if not self._announced:
+            print("compiling the CPU kernels (first run only; they are cached for the next runs)",
+                  file=sys.stderr, flush=True)
+            self._announced = True
+        print(f"  [{done + 1}/{total}] {label}", file=sys.stderr, flush=True)
+
+
 def _cmd_generate(args: argparse.Namespace) -> int:
     from localllm.runtime.catalog import default_model
     from localllm.runtime.llm import LLM
@@ -179,7 +200,8 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     cancel = threading.Event()
     options = {**_generation_options(args), "cancel": cancel}
     prompt = _read_prompt(args)
-    with LLM(args.model or default_model(), n_ctx=args.ctx, threads=args.threads) as llm, _interrupt_sets(cancel):
+    with LLM(args.model or default_model(), n_ctx=args.ctx, threads=args.threads,
+             compile_progress=_CompileNotice()) as llm, _interrupt_sets(cancel):
         if args.chat:
             messages = [{"role": "system", "content": args.system}] if args.system is not None else []
             messages.append({"role": "user", "content": prompt})
@@ -240,7 +262,8 @@ def _cmd_perplexity(args: argparse.Namespace) -> int:
         text = Path(args.file).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as error:
         raise InvalidParameterError(f"cannot read {args.file}: {error}") from None
-    with LLM(args.model or default_model(), n_ctx=args.ctx, threads=args.threads) as llm:
+    with LLM(args.model or default_model(), n_ctx=args.ctx, threads=args.threads,
+             compile_progress=_CompileNotice()) as llm:
         result = perplexity(llm, text, n_ctx=args.ctx)
     print(
         f"PPL = {result.ppl:.4f} +/- {result.stderr:.5f}  "

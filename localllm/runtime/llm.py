@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from functools import cached_property
 from numbers import Integral
 
@@ -30,11 +30,15 @@ class LLM:
     Attributes: `path`, `gguf` (the open file), `model` (its architecture, weights in the
     memory map), `tokenizer`, `cache` (the KV cache of the current context) and `n_ctx`.
     `quantize_activations=False` runs products on float32 activations instead of llama.cpp's
-    8-bit rounding of them.
+    8-bit rounding of them. Loading also compiles, or loads from Numba's cache, every kernel
+    the model needs (kernels.warm_up), so the first token never waits on a compile;
+    `compile_progress(label, done, total)` follows its steps (a cold cache takes tens of
+    seconds, on the first run on a machine).
     """
 
     def __init__(self, model: str | os.PathLike, n_ctx: int | None = None, threads: int | None = None,
-                 quantize_activations: bool = True):
+                 quantize_activations: bool = True,
+                 compile_progress: Callable[[str, int, int], None] | None = None):
         started = time.perf_counter()
         # Held for a whole generation (or logits call): they share the one KV cache.
         self._lock = GenerationLock()
@@ -52,6 +56,8 @@ class LLM:
                 raise InvalidParameterError(f"n_ctx must be a positive int, got {n_ctx!r}")
             self.n_ctx = n_ctx
             self.cache = self.model.new_cache(n_ctx)
+            matrix_types = {t.type for t in self.gguf.tensors.values() if len(t.shape) == 2 and t.type in kernels.KERNELS}
+            kernels.warm_up(sorted(matrix_types), progress=compile_progress)
         except BaseException:
             self.gguf.close()
             raise
