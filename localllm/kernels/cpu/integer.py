@@ -254,6 +254,15 @@ def _q6_k_codegen(builder, block, rows, count, acc):
         _accumulate(builder, _acc_at(builder, acc, 8 * t), builder.fmul(d, rows.scale(t)), builder.sub(total, offsets))
 
 
+def _nibbles_32(builder, block, offset):
+    """The 32 four-bit codes of a 32-value block's 16 bytes at `offset`, as <32 x i8>: byte j's
+    low nibble is value j, its high nibble value j + 16."""
+    packed = _load(builder, block, offset, _I8, 16)
+    low = builder.and_(packed, _splat(_I8, 16, 15))
+    high = builder.lshr(packed, _splat(_I8, 16, 4))
+    return builder.shuffle_vector(low, high, ir.Constant(_vector(_I32, 32), list(range(32))))
+
+
 # The 32-value formats (layouts in legacy.py): where the fifth-bit word (Q5_0) and the codes
 # sit in a block and the constant offset of the codes, which goes through the block's code sum.
 # Per activation row, acc[0:8] gets d * d_x * (values . codes).
@@ -264,10 +273,7 @@ def _legacy_codegen(bits_at, codes_at, value_offset):
         if value_offset is None:
             weights = _load(builder, block, codes_at, _I8, 32)
         else:
-            packed = _load(builder, block, codes_at, _I8, 16)
-            low = builder.and_(packed, _splat(_I8, 16, 15))
-            high = builder.lshr(packed, _splat(_I8, 16, 4))
-            values = builder.shuffle_vector(low, high, ir.Constant(_vector(_I32, 32), list(range(32))))
+            values = _nibbles_32(builder, block, codes_at)
             if bits_at is not None:
                 bits = builder.load(builder.bitcast(builder.gep(block, [ir.Constant(_I64, bits_at)]),
                                                     _I32.as_pointer()), align=1)
@@ -293,10 +299,7 @@ def _q4_1_codegen(builder, block, rows, count, acc):
     """Q4_1 (20 bytes: f16 d, f16 m, 16 bytes of nibbles) against Q8_1 activations, whose
     sums are ggml's s = f16(d_x * sum of codes): acc[0:8] gets d * d_x * (nibbles . codes)
     and acc[8] m * s, as ggml's AVX2 vec_dot_q4_1_q8_1 does."""
-    packed = _load(builder, block, 4, _I8, 16)
-    low = builder.and_(packed, _splat(_I8, 16, 15))
-    high = builder.lshr(packed, _splat(_I8, 16, 4))
-    values = builder.shuffle_vector(low, high, ir.Constant(_vector(_I32, 32), list(range(32))))
+    values = _nibbles_32(builder, block, 4)
     d, m = _halves(builder, block, 0)[:2]
     fma = _function(builder, "llvm.fma.f32", _F32, [_F32] * 3)
     for t in range(count):
@@ -418,6 +421,13 @@ def _products(raw, codes, scales, sums, out, kind):
                 for k in range(n_blocks):
                     _dot_blocks(kind, 1, p, r * row_bytes + k * block_bytes, qp, sp, xp, i, n_blocks, k, acc)
                 out[i, r] = _finish(kind, acc, 0)
+
+
+# One entry point per format, written out: each fixes its literal kind and its activation
+# rounding (block, code-sum dtype: activations.ACTIVATION_BLOCK and Q8_1_WEIGHTS). A factory's
+# closures would put per-process cells into Numba's cache key (recompiled in every process),
+# and calling _products with a literal kind from Python would take Numba's slow dispatch path
+# on every product.
 
 
 @njit(cache=True, nogil=True)
