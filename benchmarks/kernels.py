@@ -3,9 +3,11 @@
     python benchmarks/kernels.py [--formats Q4_K Q8_0 ...] [--quick] [--skip-compile]
 
 Prints, per format: matvec weight GB/s (what decoding runs: activation rounding, then the
-integer kernel where there is one, as for matmul) on the qwen2.5-coder-1.5b shapes (cycling through
-enough random matrices that the working set is far larger than the L3 cache) and its ratio to
-the measured read bandwidth; matmul GFLOP/s (2*rows*cols*n / s), with the dequantize-to-BLAS
+integer kernel where there is one, as for matmul) on the qwen2.5-coder-1.5b shapes and its ratio
+to the measured read bandwidth. Each shape cycles through as many random matrices as fill a 1 GB
+pool, as a decode step goes through a whole model: with a working set of a few times the L3
+cache, part of it stays cached from one pass to the next, and a kernel "reads" faster than the
+memory can deliver (Q8_0 at 1.1x the streaming sum with 128 MB); matmul GFLOP/s (2*rows*cols*n / s), with the dequantize-to-BLAS
 alternative for comparison; and the cold and warm compile time of the whole kernel set.
 Numbers on a shared machine are indicative only.
 """
@@ -36,11 +38,21 @@ SHAPES = [(1536, 1536), (256, 1536), (8960, 1536), (1536, 8960), (151936, 1536)]
 QUICK_SHAPES = [(1536, 1536), (8960, 1536)]
 BATCHES = [1, 4, 16, 64, 128, 512]
 QUICK_BATCHES = [1, 16, 128]
-MATRICES = 28
-# Enough distinct weight bytes per shape that every pass streams from DRAM (L3 is 32 MB).
-MIN_WORKING_SET = 128 << 20
-MAX_WORKING_SET = 1 << 30
+# Distinct weight bytes per shape: as much as the streaming sum reads, so that every pass
+# streams from DRAM (L3 is 32 MB).
+WORKING_SET = 1 << 30
 BLAS_TILE_ROWS = 512
+
+
+SCALE_TABLE = 4096
+
+
+def set_scales(qtype: GGMLQuantizationType, blocks: np.ndarray, rng: np.random.Generator) -> None:
+    """Finite, modest f16 scales in every scale field of `blocks` (uint8[n, type_size]), from a
+    table of random ones repeated (drawing one per block of a 1 GB pool would take seconds)."""
+    for field in LAYOUTS[qtype].scale_fields:
+        table = rng.uniform(0.001, 0.05, size=SCALE_TABLE).astype(np.float16).view(np.uint8).reshape(-1, 2)
+        blocks[:, field.offset:field.offset + 2] = np.resize(table, (blocks.shape[0], 2))
 
 
 def random_raw(qtype: GGMLQuantizationType, rows: int, cols: int, rng: np.random.Generator) -> np.ndarray:
@@ -54,10 +66,29 @@ def random_raw(qtype: GGMLQuantizationType, rows: int, cols: int, rng: np.random
         values = rng.standard_normal((rows, cols), dtype=np.float32)
         return (values.view(np.uint32) >> 16).astype(np.uint16).view(np.uint8)
     blocks = rng.integers(0, 256, size=(rows * cols // block_size, type_size), dtype=np.uint8)
-    for field in LAYOUTS[qtype].scale_fields:
-        scales = rng.uniform(0.001, 0.05, size=blocks.shape[0]).astype(np.float16)
-        blocks[:, field.offset:field.offset + 2] = scales.view(np.uint8).reshape(-1, 2)
+    set_scales(qtype, blocks, rng)
     return blocks.reshape(rows, -1)
+
+
+def pool_matrices(pool: np.ndarray, qtype: GGMLQuantizationType, rows: int, cols: int,
+                  rng: np.random.Generator) -> list[np.ndarray]:
+    """As many read-only rows x cols `qtype` matrices as fit in `pool` (random bytes), one after
+    another; at least two, the second a fresh array when one matrix fills the pool."""
+    block_size, type_size = GGML_QUANT_SIZES[qtype]
+    nbytes = rows * cols // block_size * type_size
+    matrices = []
+    for start in range(0, pool.nbytes - nbytes + 1, nbytes):
+        matrix = pool[start:start + nbytes].reshape(rows, -1)
+        if qtype in (GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizationType.BF16):
+            matrix[:] = random_raw(qtype, rows, cols, rng)
+        else:
+            set_scales(qtype, matrix.reshape(-1, type_size), rng)
+        matrices.append(matrix)
+    while len(matrices) < 2:
+        matrices.append(random_raw(qtype, rows, cols, rng))
+    for matrix in matrices:
+        matrix.flags.writeable = False
+    return matrices
 
 
 def best_time(fn, repeats: int) -> float:
@@ -81,16 +112,11 @@ def rounded_product(qtype, n):
     return lambda raw, X, out: kernel(raw, quantize_activations(X, qtype), out)
 
 
-def bench_matvec(qtype, shapes, bandwidth, quick, rng):
+def bench_matvec(qtype, shapes, bandwidth, pool, quick, rng):
     matvec_kernel = rounded_product(qtype, 1)
     row = [qtype.name + (" (integer)" if qtype in INTEGER_PRODUCTS else "")]
     for rows, cols in shapes:
-        first = random_raw(qtype, rows, cols, rng)
-        count = int(np.clip(MIN_WORKING_SET // first.nbytes + 1, 2, MATRICES))
-        count = min(count, max(2, MAX_WORKING_SET // first.nbytes))
-        if quick:
-            count = min(count, 8)
-        matrices = [first] + [random_raw(qtype, rows, cols, rng) for _ in range(count - 1)]
+        matrices = pool_matrices(pool, qtype, rows, cols, rng)
         x = rng.standard_normal((1, cols), dtype=np.float32)
         out = np.empty((1, rows), dtype=np.float32)
 
@@ -98,9 +124,11 @@ def bench_matvec(qtype, shapes, bandwidth, quick, rng):
             for raw in matrices:
                 matvec_kernel(raw, x, out)
 
-        seconds = best_time(cycle, 2 if quick else 4) / count
-        rate = first.nbytes / seconds / 1e9
+        seconds = best_time(cycle, 2 if quick else 4) / len(matrices)
+        rate = matrices[0].nbytes / seconds / 1e9
         row.append(f"{rate:.1f} ({rate / bandwidth:.2f})")
+        for matrix in matrices:
+            matrix.flags.writeable = True
     return row
 
 
@@ -181,13 +209,15 @@ def main(argv=None) -> None:
         rounded_product(qtype, 1)(random_raw(qtype, 2, 256, rng), np.zeros((1, 256), np.float32),
                                   np.empty((1, 2), np.float32))
 
-    table = Table(title="matvec: weight GB/s (ratio to read bandwidth)")
+    pool = rng.integers(0, 256, size=WORKING_SET, dtype=np.uint8)
+    table = Table(title=f"matvec: weight GB/s (ratio to read bandwidth), {pool.nbytes >> 20} MB of weights per shape")
     table.add_column("format")
     for rows, cols in shapes:
         table.add_column(f"{rows}x{cols}", justify="right")
     for qtype in formats:
-        table.add_row(*bench_matvec(qtype, shapes, bandwidth, args.quick, rng))
+        table.add_row(*bench_matvec(qtype, shapes, bandwidth, pool, args.quick, rng))
     console.print(table)
+    del pool
 
     table = Table(title="matmul GFLOP/s (kernel / dequantize+BLAS for n >= 64)")
     table.add_column("format, shape")

@@ -80,6 +80,21 @@ def test_integer_matmul_matches_float64_and_does_not_depend_on_the_tile(qtype):
 
 
 @needs_avx2
+@pytest.mark.parametrize("blocks_per_row", [1, 3, 7, 8])
+@pytest.mark.parametrize("qtype", [q for q in FORMATS if GGML_QUANT_SIZES[q][0] == 32], ids=lambda q: q.name)
+def test_rows_of_any_number_of_32_value_blocks(qtype, blocks_per_row):
+    """Q5_0 rows with an even number of blocks are multiplied two blocks at a time, odd ones
+    one block at a time; both, for one row and for a tile of four plus one."""
+    weight = random_weight(qtype, rows=21, blocks_per_row=blocks_per_row, seed=blocks_per_row)
+    dequantized = weight.dequantize()
+    for n in (1, 5):
+        X = random_activations(n, weight.shape[1], seed=n)
+        out = np.full((n, weight.shape[0]), np.nan, dtype=np.float32)
+        integer.KERNELS[qtype](weight.raw, X, out)
+        assert relative_error(out, llama_product(weight, dequantized, X)) <= 1e-5, n
+
+
+@needs_avx2
 def test_matvec_takes_the_integer_kernel_and_agrees_with_the_float_one(model_path):
     """SmolLM2's Q8_0 embedding (its tied output head): integer and float kernels differ only
     by float32 rounding, on all 49,152 rows."""

@@ -22,7 +22,11 @@ sums instead of s, or without the hsum order, cost SmolLM2 one or two.)
 One kernel per format serves decoding (one activation row) and prefill (n rows): a tile of four
 activation rows meets each weight block once it is decoded, and a chunk of weight rows is the
 parallel work item. A product is bit-identical whether its activation row came alone or in a
-tile. Formats: Q4_0, Q4_1, Q5_0, Q8_0 (32-value blocks, Q8_0/Q8_1 activation codes) and Q4_K,
+tile. Each block's weight bytes are prefetched 2 KB ahead: the hardware prefetchers alone kept
+a matvec from DRAM a quarter below the streaming read rate. Q5_0, whose per-block work is the
+heaviest for its size, takes blocks two at a time where a row has an even number of them (its
+lanes, and so its float rounding, then differ from ggml's; the totals of each block are the
+same integers). Formats: Q4_0, Q4_1, Q5_0, Q8_0 (32-value blocks, Q8_0/Q8_1 activation codes) and Q4_K,
 Q6_K, TQ2_0 (256-value blocks, Q8_K codes): what the catalog's models are made of, and the
 ternary format whose float kernel was slowest. Only used when Numba
 compiles for a host with AVX2 (`AVAILABLE`); elsewhere products.py keeps the float kernels,
@@ -50,6 +54,11 @@ AVAILABLE = (config.CPU_NAME is None and config.CPU_FEATURES is None
 llvm_binding.initialize_native_asmparser()
 
 _ROW_CHUNK = 16
+# How far ahead of the block being multiplied its weight bytes are prefetched. Two threads,
+# 8960x1536 matvecs over 1 GB of weights (benchmarks/kernels.py), without -> with: Q6_K 23.7 ->
+# 31.6 GB/s, Q8_0 23.5 -> 28.0, Q4_K 20.9 -> 26.9 (streaming sum: 32-34). 4 KB ahead measured
+# the same; one prefetch per block instead of per cache line made 144-byte Q4_K slower.
+_PREFETCH_BYTES = 2048
 
 _I8, _I16, _I32, _I64 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.IntType(64)
 _F32 = ir.FloatType()
@@ -102,10 +111,13 @@ def _signed_dot(builder, weights, activations):
 
 
 def _accumulate(builder, acc_pointer, scale, integer_sums):
-    """acc[0:8] += scale * float(integer_sums), scale a float32 scalar."""
+    """acc[0:8] += scale * float(integer_sums), scale a float32 scalar or <8 x float>."""
     pointer = builder.bitcast(acc_pointer, _vector(_F32, 8).as_pointer())
-    scales = builder.insert_element(ir.Constant(_vector(_F32, 8), None), scale, ir.Constant(_I32, 0))
-    scales = _pick(builder, scales, [0] * 8)
+    if isinstance(scale.type, ir.VectorType):
+        scales = scale
+    else:
+        scales = builder.insert_element(ir.Constant(_vector(_F32, 8), None), scale, ir.Constant(_I32, 0))
+        scales = _pick(builder, scales, [0] * 8)
     fma = _function(builder, "llvm.fma.v8f32", _vector(_F32, 8), [_vector(_F32, 8)] * 3)
     total = builder.call(fma, [scales, builder.sitofp(integer_sums, _vector(_F32, 8)), builder.load(pointer, align=4)])
     builder.store(total, pointer, align=4)
@@ -170,6 +182,22 @@ class _Rows:
     def scale(self, t):
         b = self.builder
         return b.load(b.gep(self.scales, [self._index(t)]))
+
+    def lane_scales(self, t):
+        """<8 x float> at scales[8 * index]: the paired formats' per-lane activation scales."""
+        b = self.builder
+        return _load(b, b.gep(self.scales, [b.mul(self._index(t), ir.Constant(_I64, 8))]), 0, _F32, 8)
+
+
+def _prefetch_ahead(builder, block, block_bytes):
+    """Prefetch every cache line of the block _PREFETCH_BYTES on (past a row's end, the next
+    rows'; an x86 prefetch of an address outside the map does not fault)."""
+    prefetch = _function(builder, "llvm.prefetch.p0i8", ir.VoidType(), [_I8.as_pointer(), _I32, _I32, _I32])
+    start = builder.bitcast(block, _I8.as_pointer())
+    for line in range(0, block_bytes, 64):
+        ahead = builder.gep(start, [ir.Constant(_I64, _PREFETCH_BYTES + line)])
+        # read, keep in all cache levels, data
+        builder.call(prefetch, [ahead, ir.Constant(_I32, 0), ir.Constant(_I32, 3), ir.Constant(_I32, 1)])
 
 
 def _acc_at(builder, acc, lane):
@@ -256,11 +284,28 @@ def _q6_k_codegen(builder, block, rows, count, acc):
 
 def _nibbles_32(builder, block, offset):
     """The 32 four-bit codes of a 32-value block's 16 bytes at `offset`, as <32 x i8>: byte j's
-    low nibble is value j, its high nibble value j + 16."""
+    low nibble is value j, its high nibble value j + 16. The bytes are loaded into both halves
+    (vbroadcasti128, a load) and the upper half shifted by 4 (vpsrlvd): splicing a shifted copy
+    in (vinserti128) cost one more op on the two shuffle ports, Q4_1's limit."""
     packed = _load(builder, block, offset, _I8, 16)
-    low = builder.and_(packed, _splat(_I8, 16, 15))
-    high = builder.lshr(packed, _splat(_I8, 16, 4))
-    return builder.shuffle_vector(low, high, ir.Constant(_vector(_I32, 32), list(range(32))))
+    doubled = builder.bitcast(builder.shuffle_vector(packed, packed, ir.Constant(_vector(_I32, 32), list(range(16)) * 2)),
+                              _vector(_I32, 8))
+    shifted = builder.lshr(doubled, ir.Constant(_vector(_I32, 8), [0] * 4 + [4] * 4))
+    return builder.and_(builder.bitcast(shifted, _vector(_I8, 32)), _splat(_I8, 32, 15))
+
+
+def _splatted_scale(builder, pointer, offset, activation_scale):
+    """f16 at byte pointer + offset times the float32 `activation_scale`, in all 8 lanes: the
+    f16 broadcast from memory before its conversion (one inline-assembly pair, for the reason
+    _halves gives) and the activation scale broadcast from memory, where a product of scalars
+    would need a 32-byte broadcast on the shuffle ports that the block's codes already keep
+    busy. Every lane holds the float32 product d_w * d_x."""
+    address = builder.gep(builder.bitcast(pointer, _I8.as_pointer()), [ir.Constant(_I64, offset)])
+    convert = ir.FunctionType(_vector(_F32, 8), [_I8.as_pointer()])
+    weight = builder.asm(convert, "vpbroadcastw ($1), ${0:x}\n\tvcvtph2ps ${0:x}, $0", "=x,r", [address],
+                         side_effect=False)
+    x = builder.insert_element(ir.Constant(_vector(_F32, 8), None), activation_scale, ir.Constant(_I32, 0))
+    return builder.fmul(weight, _pick(builder, x, [0] * 8))
 
 
 # The 32-value formats (layouts in legacy.py): where the fifth-bit word (Q5_0) and the codes
@@ -279,7 +324,6 @@ def _legacy_codegen(bits_at, codes_at, value_offset):
                                                     _I32.as_pointer()), align=1)
                 fifth = builder.zext(builder.bitcast(bits, _vector(ir.IntType(1), 32)), _vector(_I8, 32))
                 values = builder.or_(values, builder.shl(fifth, _splat(_I8, 32, 4)))
-        d = _halves(builder, block, 0)[0]
         for t in range(count):
             activations = _load(builder, rows.codes_at(t), 0, _I8, 32)
             if value_offset is None:
@@ -291,8 +335,50 @@ def _legacy_codegen(bits_at, codes_at, value_offset):
                 offset_sum = builder.mul(builder.load(rows.sums_at(t)), ir.Constant(_I32, value_offset))
                 total = builder.sub(total, builder.insert_element(
                     ir.Constant(_vector(_I32, 8), None), offset_sum, ir.Constant(_I32, 0)))
-            _accumulate(builder, _acc_at(builder, acc, 8 * t), builder.fmul(d, rows.scale(t)), total)
+            _accumulate(builder, _acc_at(builder, acc, 8 * t), _splatted_scale(builder, block, 0, rows.scale(t)), total)
     return codegen
+
+
+def _fifth_bits(builder, words, half):
+    """16 in <32 x i8> where a Q5_0 block's fifth bit is set, for values 16 * half .. + 15 of the
+    block whose 32-bit word fills each 128-bit half of `words` (<8 x i32>)."""
+    spread = ir.Constant(_vector(_I8, 32), ([2 * half] * 8 + [2 * half + 1] * 8) * 2)
+    shuffle = _function(builder, "llvm.x86.avx2.pshuf.b", _vector(_I8, 32), [_vector(_I8, 32)] * 2)
+    byte_bits = builder.call(shuffle, [builder.bitcast(words, _vector(_I8, 32)), spread])
+    selector = ir.Constant(_vector(_I8, 32), [1 << (j % 8) for j in range(32)])
+    is_set = builder.icmp_unsigned("==", builder.and_(byte_bits, selector), selector)
+    return builder.and_(builder.sext(is_set, _vector(_I8, 32)), _splat(_I8, 32, 16))
+
+
+def _q5_0_pair_codegen(builder, block, rows, count, acc):
+    """Two Q5_0 blocks (A at `block`, B 22 bytes on) as one: values 0..15 of A and B fill one
+    <32 x i8>, values 16..31 another, against activation codes laid out the same way
+    (_pair_activations). Per activation row, acc[0:4] gets d_A * d_x,A * (A's lane sums) and
+    acc[4:8] the same for B: one conversion and one FMA for both blocks, where one block a
+    time spends a 32-byte shuffle on its nibbles and another on its scale."""
+    packed = builder.shuffle_vector(_load(builder, block, 6, _I8, 16), _load(builder, block, 28, _I8, 16),
+                                    ir.Constant(_vector(_I32, 32), list(range(32))))
+    high_nibbles = builder.bitcast(builder.lshr(builder.bitcast(packed, _vector(_I16, 16)), _splat(_I16, 16, 4)),
+                                   _vector(_I8, 32))
+    splat_words = ir.FunctionType(_vector(_I32, 8), [_I8.as_pointer()])
+    word_a, word_b = [builder.asm(splat_words, "vpbroadcastd ($1), $0", "=x,r",
+                                  [builder.gep(builder.bitcast(block, _I8.as_pointer()), [ir.Constant(_I64, offset)])],
+                                  side_effect=False) for offset in (2, 24)]
+    words = builder.shuffle_vector(word_a, word_b, ir.Constant(_vector(_I32, 8), [0, 1, 2, 3, 12, 13, 14, 15]))
+    values = [builder.or_(builder.and_(nibbles, _splat(_I8, 32, 15)), _fifth_bits(builder, words, half))
+              for half, nibbles in enumerate((packed, high_nibbles))]
+    broadcast = ir.FunctionType(_vector(_I16, 8), [_I8.as_pointer()])
+    halves = [builder.asm(broadcast, "vpbroadcastw ($1), $0", "=x,r",
+                          [builder.gep(builder.bitcast(block, _I8.as_pointer()), [ir.Constant(_I64, offset)])],
+                          side_effect=False) for offset in (0, 22)]
+    scales_ab = builder.shuffle_vector(halves[0], halves[1], ir.Constant(_vector(_I32, 8), [0, 1, 2, 3, 12, 13, 14, 15]))
+    weight_scales = builder.fpext(builder.bitcast(scales_ab, _vector(ir.HalfType(), 8)), _vector(_F32, 8))
+    for t in range(count):
+        codes = rows.codes_at(t)
+        pairs = builder.add(_madd_unsigned_signed(builder, values[0], _load(builder, codes, 0, _I8, 32)),
+                            _madd_unsigned_signed(builder, values[1], _load(builder, codes, 32, _I8, 32)))
+        total = builder.sub(_madd_words(builder, pairs, _splat(_I16, 16, 1)), _load(builder, rows.sums_at(t), 0, _I32, 8))
+        _accumulate(builder, _acc_at(builder, acc, 8 * t), builder.fmul(weight_scales, rows.lane_scales(t)), total)
 
 
 def _q4_1_codegen(builder, block, rows, count, acc):
@@ -335,7 +421,7 @@ def _tq2_0_codegen(builder, block, rows, count, acc):
         _accumulate(builder, _acc_at(builder, acc, 8 * t), builder.fmul(d, rows.scale(t)), builder.sub(total, offsets))
 
 
-_Q4_0, _Q5_0, _Q8_0, _Q4_K, _Q6_K, _Q4_1, _TQ2_0 = range(7)
+_Q4_0, _Q5_0, _Q8_0, _Q4_K, _Q6_K, _Q4_1, _TQ2_0, _Q5_0_PAIRS = range(8)
 # Per kind: bytes per block, values per block, values per code sum, acc lanes per activation
 # row, and the block's code generator.
 _FORMATS = {
@@ -346,6 +432,7 @@ _FORMATS = {
     _Q6_K: (210, 256, 16, 8, _q6_k_codegen),
     _Q4_1: (20, 32, 32, 16, _q4_1_codegen),
     _TQ2_0: (66, 256, 16, 8, _tq2_0_codegen),
+    _Q5_0_PAIRS: (44, 64, 8, 8, _q5_0_pair_codegen),
 }
 _BLOCK_BYTES = tuple(_FORMATS[kind][0] for kind in range(len(_FORMATS)))
 _ACC_LANES = tuple(_FORMATS[kind][3] for kind in range(len(_FORMATS)))
@@ -360,13 +447,15 @@ def _dot_blocks(typingctx, kind, count, weights, offset, codes, sums, scales, fi
     first .. first + count - 1 (`kind` and `count` compile-time constants), into acc."""
     if not isinstance(kind, types.IntegerLiteral) or not isinstance(count, types.IntegerLiteral):
         return None
-    _, block_values, sum_group, _, generate = _FORMATS[kind.literal_value]
+    block_bytes, block_values, sum_group, _, generate = _FORMATS[kind.literal_value]
     rows_in_tile = count.literal_value
 
     def codegen(context, builder, signature, arguments):
         _, _, w, o, q, sum_pointer, scale_pointer, first_row, blocks, block_index, acc_pointer = arguments
         rows = _Rows(builder, q, sum_pointer, scale_pointer, first_row, blocks, block_index, block_values, sum_group)
-        generate(builder, builder.gep(w, [o]), rows, rows_in_tile, acc_pointer)
+        block = builder.gep(w, [o])
+        _prefetch_ahead(builder, block, block_bytes)
+        generate(builder, block, rows, rows_in_tile, acc_pointer)
         return context.get_dummy_value()
     return types.void(kind, count, weights, offset, codes, sums, scales, first, n_blocks, k, acc), codegen
 
@@ -437,9 +526,36 @@ def products_q4_0(raw, X, out):
 
 
 @njit(cache=True, nogil=True)
+def _pair_activations(codes, scales, sums, value_offset):
+    """Q8_0 activation codes for _q5_0_pair_codegen: each 64 codes reordered to values 0..15 of
+    block A, 0..15 of B, 16..31 of A, 16..31 of B; each block's scale in 4 lanes and its code
+    sum times the weights' offset in the first of them."""
+    n, cols = codes.shape
+    n_pairs = cols // 64
+    paired = np.empty_like(codes)
+    lane_scales = np.empty((n, 8 * n_pairs), dtype=np.float32)
+    lane_offsets = np.zeros((n, 8 * n_pairs), dtype=np.int32)
+    for i in range(n):
+        for p in range(n_pairs):
+            for half in range(2):
+                for b in range(2):
+                    source = 64 * p + 32 * b + 16 * half
+                    target = 64 * p + 32 * half + 16 * b
+                    paired[i, target:target + 16] = codes[i, source:source + 16]
+            for b in range(2):
+                lane_scales[i, 8 * p + 4 * b:8 * p + 4 * b + 4] = scales[i, 2 * p + b]
+                lane_offsets[i, 8 * p + 4 * b] = value_offset * sums[i, 2 * p + b]
+    return paired, lane_scales, lane_offsets
+
+
+@njit(cache=True, nogil=True)
 def products_q5_0(raw, X, out):
     codes, scales, sums = codes_of(X, 32, np.int32)
-    _products(raw, codes, scales, sums, out, _Q5_0)
+    if codes.shape[1] % 64:
+        _products(raw, codes, scales, sums, out, _Q5_0)
+    else:
+        paired, lane_scales, lane_offsets = _pair_activations(codes, scales, sums, 16)
+        _products(raw, paired, lane_scales, lane_offsets, out, _Q5_0_PAIRS)
 
 
 @njit(cache=True, nogil=True)
