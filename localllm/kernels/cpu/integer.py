@@ -27,8 +27,9 @@ a matvec from DRAM a quarter below the streaming read rate. Q5_0, whose per-bloc
 heaviest for its size, takes blocks two at a time where a row has an even number of them (its
 lanes, and so its float rounding, then differ from ggml's; the totals of each block are the
 same integers). Formats: Q4_0, Q4_1, Q5_0, Q8_0 (32-value blocks, Q8_0/Q8_1 activation codes) and Q4_K,
-Q6_K, TQ2_0 (256-value blocks, Q8_K codes): what the catalog's models are made of, and the
-ternary format whose float kernel was slowest. Only used when Numba
+Q5_K, Q6_K, TQ2_0 (256-value blocks, Q8_K codes): what the catalog's models and the common
+Q4_K_M / Q5_K_M files are made of, and a ternary format. Q5_1, Q2_K, Q3_K and TQ1_0 keep the
+float kernels (about 0.4 GB/s for the K formats' matvec, 7 for Q5_1). Only used when Numba
 compiles for a host with AVX2 (`AVAILABLE`); elsewhere products.py keeps the float kernels,
 which give the same results up to float32 rounding.
 """
@@ -205,11 +206,19 @@ def _acc_at(builder, acc, lane):
 
 
 # Q4_K (144 bytes): f16 d, f16 dmin, 12 bytes of 6-bit scales and mins, 128 bytes of nibbles
-# (byte l of chunk j: value 64j + l low, 64j + 32 + l high). Per activation row, acc[0:8] gets
-# d * d_x * sum_j scale_j (nibbles_j . codes_j) and acc[8:16] dmin * d_x * min_j * sum(codes_j).
+# (byte l of chunk j: value 64j + l low, 64j + 32 + l high). Q5_K (176 bytes) has 32 bytes of
+# fifth bits between the scales and the nibbles: bit i of byte l for value 32i + l. Per
+# activation row, acc[0:8] gets d * d_x * sum_i scale_i (values_i . codes_i) and acc[8:16]
+# dmin * d_x * min_i * sum(codes_i), over the eight 32-value sub-blocks i.
 
 
-def _q4_k_codegen(builder, block, rows, count, acc):
+def _k_scales_codegen(nibbles_at, bits_at):
+    def codegen(builder, block, rows, count, acc):
+        _scaled_sub_blocks(builder, block, rows, count, acc, nibbles_at, bits_at)
+    return codegen
+
+
+def _scaled_sub_blocks(builder, block, rows, count, acc, nibbles_at, bits_at):
     low_scales = _load(builder, block, 4, _I8, 4)
     low_mins = _load(builder, block, 8, _I8, 4)
     high = _load(builder, block, 12, _I8, 4)
@@ -226,8 +235,14 @@ def _q4_k_codegen(builder, block, rows, count, acc):
                         _vector(_I16, 16))
     nibbles = []
     for j in range(4):
-        packed = _load(builder, block, 16 + 32 * j, _I8, 32)
+        packed = _load(builder, block, nibbles_at + 32 * j, _I8, 32)
         nibbles += [builder.and_(packed, _splat(_I8, 32, 15)), builder.lshr(packed, _splat(_I8, 32, 4))]
+    if bits_at is not None:
+        bits = _load(builder, block, bits_at, _I8, 32)
+        for i in range(8):
+            is_set = builder.icmp_unsigned("!=", builder.and_(bits, _splat(_I8, 32, 1 << i)), _splat(_I8, 32, 0))
+            fifth = builder.and_(builder.sext(is_set, _vector(_I8, 32)), _splat(_I8, 32, 16))
+            nibbles[i] = builder.or_(nibbles[i], fifth)
     d, dmin = _halves(builder, block, 0)[:2]
     scale_splats = _word_splats(builder, scales, [[i] * 16 for i in range(8)])
     for t in range(count):
@@ -436,18 +451,19 @@ def _tq2_0_codegen(builder, block, rows, count, acc):
         _accumulate(builder, _acc_at(builder, acc, 8 * t), _times_splat(builder, d, rows.scale(t)), builder.sub(total, offsets))
 
 
-_Q4_0, _Q5_0, _Q8_0, _Q4_K, _Q6_K, _Q4_1, _TQ2_0, _Q5_0_PAIRS = range(8)
+_Q4_0, _Q5_0, _Q8_0, _Q4_K, _Q6_K, _Q4_1, _TQ2_0, _Q5_0_PAIRS, _Q5_K = range(9)
 # Per kind: bytes per block, values per block, values per code sum, acc lanes per activation
 # row, and the block's code generator.
 _FORMATS = {
     _Q4_0: (18, 32, 32, 8, _legacy_codegen(None, 2, 8)),
     _Q5_0: (22, 32, 32, 8, _legacy_codegen(2, 6, 16)),
     _Q8_0: (34, 32, 32, 8, _legacy_codegen(None, 2, None)),
-    _Q4_K: (144, 256, 16, 16, _q4_k_codegen),
+    _Q4_K: (144, 256, 16, 16, _k_scales_codegen(16, None)),
     _Q6_K: (210, 256, 16, 8, _q6_k_codegen),
     _Q4_1: (20, 32, 32, 16, _q4_1_codegen),
     _TQ2_0: (66, 256, 16, 8, _tq2_0_codegen),
     _Q5_0_PAIRS: (44, 64, 8, 8, _q5_0_pair_codegen),
+    _Q5_K: (176, 256, 16, 16, _k_scales_codegen(48, 16)),
 }
 _BLOCK_BYTES = tuple(_FORMATS[kind][0] for kind in range(len(_FORMATS)))
 _ACC_LANES = tuple(_FORMATS[kind][3] for kind in range(len(_FORMATS)))
@@ -481,7 +497,7 @@ def _finish(kind, acc, lane):
     order of ggml's hsum_float_8."""
     total = ((acc[lane] + acc[lane + 4]) + (acc[lane + 2] + acc[lane + 6])) + (
         (acc[lane + 1] + acc[lane + 5]) + (acc[lane + 3] + acc[lane + 7]))
-    if kind == _Q4_K:
+    if kind == _Q4_K or kind == _Q5_K:
         shifted = np.float32(0.0)
         for j in range(8):
             shifted += acc[lane + 8 + j]
@@ -592,6 +608,12 @@ def products_q4_k(raw, X, out):
 
 
 @njit(cache=True, nogil=True)
+def products_q5_k(raw, X, out):
+    codes, scales, sums = codes_of(X, 256, np.int16)
+    _products(raw, codes, scales, sums, out, _Q5_K)
+
+
+@njit(cache=True, nogil=True)
 def products_q6_k(raw, X, out):
     codes, scales, sums = codes_of(X, 256, np.int16)
     _products(raw, codes, scales, sums, out, _Q6_K)
@@ -609,5 +631,5 @@ Q = GGMLQuantizationType
 # One kernel serves matvec (n = 1) and matmul.
 KERNELS = {
     Q.Q4_0: products_q4_0, Q.Q4_1: products_q4_1, Q.Q5_0: products_q5_0, Q.Q8_0: products_q8_0,
-    Q.Q4_K: products_q4_k, Q.Q6_K: products_q6_k, Q.TQ2_0: products_tq2_0,
+    Q.Q4_K: products_q4_k, Q.Q5_K: products_q5_k, Q.Q6_K: products_q6_k, Q.TQ2_0: products_tq2_0,
 }
