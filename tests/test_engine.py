@@ -292,6 +292,6 @@ def test_loading_warms_up_every_kernel_the_model_needs(model_path):
         integer_types = {t.type.name for t in llm.gguf.tensors.values() if t.type in INTEGER_PRODUCTS}
         labels = [label for label, _, _ in seen]
         assert "Q4_1 kernels" in labels and {f"{name} kernels" for name in integer_types} <= set(labels), labels
-        assert "transformer ops" in labels
+        assert any(label.startswith("other kernels and ops") for label in labels), labels
         assert [done for _, done, _ in seen] == list(range(len(seen)))
         assert llm.generate("Hello", temperature=0, max_tokens=2).token_ids

@@ -26,10 +26,10 @@ tile. Each block's weight bytes are prefetched 2 KB ahead: the hardware prefetch
 a matvec from DRAM a quarter below the streaming read rate. Q5_0, whose per-block work is the
 heaviest for its size, takes blocks two at a time where a row has an even number of them (its
 lanes, and so its float rounding, then differ from ggml's; the totals of each block are the
-same integers). Formats: Q4_0, Q4_1, Q5_0, Q8_0 (32-value blocks, Q8_0/Q8_1 activation codes) and Q4_K,
-Q5_K, Q6_K, TQ2_0 (256-value blocks, Q8_K codes): what the catalog's models and the common
-Q4_K_M / Q5_K_M files are made of, and a ternary format. Q5_1, Q2_K, Q3_K and TQ1_0 keep the
-float kernels (about 0.4 GB/s for the K formats' matvec, 7 for Q5_1). Only used when Numba
+same integers). Formats: Q4_0, Q4_1, Q5_0, Q8_0 (32-value blocks, Q8_0/Q8_1 activation codes) and
+Q2_K..Q6_K, TQ2_0 (256-value blocks, Q8_K codes): what the catalog's models and the common
+Q2_K..Q6_K "_M" files are made of, and a ternary format. Q5_1 and TQ1_0 keep the float
+kernels (matvec about 7 and 0.4 GB/s). Only used when Numba
 compiles for a host with AVX2 (`AVAILABLE`); elsewhere products.py keeps the float kernels,
 which give the same results up to float32 rounding.
 """
@@ -297,6 +297,75 @@ def _q6_k_codegen(builder, block, rows, count, acc):
         _accumulate(builder, _acc_at(builder, acc, 8 * t), builder.fmul(d, rows.scale(t)), builder.sub(total, offsets))
 
 
+# Q2_K (84 bytes): 16 bytes of 4-bit scales (low) and mins (high), 64 bytes of 2-bit codes,
+# f16 d, f16 dmin. Q3_K (110 bytes): 32 bytes of third bits, 64 bytes of 2-bit codes, 12 bytes
+# of 6-bit scales (offset -32), f16 d. In half h, byte m of the codes holds values
+# 128h + 32j + m at bits 2j, and (Q3_K) bit 4h + j of third-bit byte m is set where that value's
+# code is not 4 lower; scale (and min) 8h + 2j + m // 16 covers it. Per activation row,
+# acc[0:8] gets d * d_x * sum_i scale_i (q_i . codes_i) (Q3_K: q - 4, the offset through the
+# 16-value code sums) and, for Q2_K, acc[8:16] dmin * d_x * min_i * sum(codes_i).
+
+
+def _q3_k_scales(builder, block):
+    """Q3_K's 16 signed 6-bit scales as <16 x i16>: low 4 bits from the nibbles of bytes 0..7
+    (low nibbles first), high 2 bits from the bit pairs of bytes 8..11 (bits 0-1 first)."""
+    packed = _load(builder, block, 96, _I8, 8)
+    low = builder.shuffle_vector(builder.and_(packed, _splat(_I8, 8, 15)), builder.lshr(packed, _splat(_I8, 8, 4)),
+                                 ir.Constant(_vector(_I32, 16), list(range(16))))
+    tops = _load(builder, block, 104, _I8, 4)
+    pairs = [builder.and_(builder.lshr(tops, _splat(_I8, 4, 2 * k)) if k else tops, _splat(_I8, 4, 3)) for k in range(4)]
+    high = builder.shuffle_vector(builder.shuffle_vector(pairs[0], pairs[1], ir.Constant(_vector(_I32, 8), list(range(8)))),
+                                  builder.shuffle_vector(pairs[2], pairs[3], ir.Constant(_vector(_I32, 8), list(range(8)))),
+                                  ir.Constant(_vector(_I32, 16), list(range(16))))
+    unsigned = builder.or_(low, builder.shl(high, _splat(_I8, 16, 4)))
+    return builder.sext(builder.sub(unsigned, _splat(_I8, 16, 32)), _vector(_I16, 16))
+
+
+def _two_bit_codegen(with_third_bits):
+    def codegen(builder, block, rows, count, acc):
+        codes_at = 32 if with_third_bits else 16
+        values = []
+        for h in range(2):
+            packed = _load(builder, block, codes_at + 32 * h, _I8, 32)
+            for j in range(4):
+                shifted = builder.lshr(builder.bitcast(packed, _vector(_I16, 16)), _splat(_I16, 16, 2 * j))
+                values.append(builder.and_(builder.bitcast(shifted, _vector(_I8, 32)), _splat(_I8, 32, 3)))
+        if with_third_bits:
+            bits = _load(builder, block, 0, _I8, 32)
+            for i in range(8):
+                is_set = builder.icmp_unsigned("!=", builder.and_(bits, _splat(_I8, 32, 1 << i)), _splat(_I8, 32, 0))
+                values[i] = builder.or_(values[i], builder.and_(builder.sext(is_set, _vector(_I8, 32)), _splat(_I8, 32, 4)))
+            scales = _q3_k_scales(builder, block)
+            # d is the block's last two bytes: the load ends with them.
+            d = _halves(builder, block, 102)[3]
+        else:
+            packed_scales = _load(builder, block, 0, _I8, 16)
+            scales = builder.zext(builder.and_(packed_scales, _splat(_I8, 16, 15)), _vector(_I16, 16))
+            mins = builder.zext(builder.lshr(packed_scales, _splat(_I8, 16, 4)), _vector(_I16, 16))
+            # d and dmin are the block's last four bytes: the load ends with them.
+            d, dmin = _halves(builder, block, 76)[2:]
+        scale_splats = []
+        for h in range(2):
+            words = _pick(builder, scales, range(8 * h, 8 * h + 8))
+            scale_splats += _word_splats(builder, words, [[2 * j] * 8 + [2 * j + 1] * 8 for j in range(4)])
+        lanes = 8 if with_third_bits else 16
+        for t in range(count):
+            codes = rows.codes_at(t)
+            total = ir.Constant(_vector(_I32, 8), None)
+            for i, value in enumerate(values):
+                pairs = _madd_unsigned_signed(builder, value, _load(builder, codes, 32 * i, _I8, 32))
+                total = builder.add(total, _madd_words(builder, pairs, scale_splats[i]))
+            code_sums = _load(builder, rows.sums_at(t), 0, _I16, 16)
+            d_x = rows.scale(t)
+            if with_third_bits:
+                total = builder.sub(total, builder.shl(_madd_words(builder, code_sums, scales), _splat(_I32, 8, 2)))
+            _accumulate(builder, _acc_at(builder, acc, lanes * t), builder.fmul(d, d_x), total)
+            if not with_third_bits:
+                _accumulate(builder, _acc_at(builder, acc, lanes * t + 8), builder.fmul(dmin, d_x),
+                            _madd_words(builder, code_sums, mins))
+    return codegen
+
+
 def _nibbles_32(builder, block, offset):
     """The 32 four-bit codes of a 32-value block's 16 bytes at `offset`, as <32 x i8>: byte j's
     low nibble is value j, its high nibble value j + 16. The bytes are loaded into both halves
@@ -451,7 +520,7 @@ def _tq2_0_codegen(builder, block, rows, count, acc):
         _accumulate(builder, _acc_at(builder, acc, 8 * t), _times_splat(builder, d, rows.scale(t)), builder.sub(total, offsets))
 
 
-_Q4_0, _Q5_0, _Q8_0, _Q4_K, _Q6_K, _Q4_1, _TQ2_0, _Q5_0_PAIRS, _Q5_K = range(9)
+_Q4_0, _Q5_0, _Q8_0, _Q4_K, _Q6_K, _Q4_1, _TQ2_0, _Q5_0_PAIRS, _Q5_K, _Q2_K, _Q3_K = range(11)
 # Per kind: bytes per block, values per block, values per code sum, acc lanes per activation
 # row, and the block's code generator.
 _FORMATS = {
@@ -464,6 +533,8 @@ _FORMATS = {
     _TQ2_0: (66, 256, 16, 8, _tq2_0_codegen),
     _Q5_0_PAIRS: (44, 64, 8, 8, _q5_0_pair_codegen),
     _Q5_K: (176, 256, 16, 16, _k_scales_codegen(48, 16)),
+    _Q2_K: (84, 256, 16, 16, _two_bit_codegen(False)),
+    _Q3_K: (110, 256, 16, 8, _two_bit_codegen(True)),
 }
 _BLOCK_BYTES = tuple(_FORMATS[kind][0] for kind in range(len(_FORMATS)))
 _ACC_LANES = tuple(_FORMATS[kind][3] for kind in range(len(_FORMATS)))
@@ -497,7 +568,7 @@ def _finish(kind, acc, lane):
     order of ggml's hsum_float_8."""
     total = ((acc[lane] + acc[lane + 4]) + (acc[lane + 2] + acc[lane + 6])) + (
         (acc[lane + 1] + acc[lane + 5]) + (acc[lane + 3] + acc[lane + 7]))
-    if kind == _Q4_K or kind == _Q5_K:
+    if kind == _Q4_K or kind == _Q5_K or kind == _Q2_K:
         shifted = np.float32(0.0)
         for j in range(8):
             shifted += acc[lane + 8 + j]
@@ -602,6 +673,18 @@ def products_q4_1(raw, X, out):
 
 
 @njit(cache=True, nogil=True)
+def products_q2_k(raw, X, out):
+    codes, scales, sums = codes_of(X, 256, np.int16)
+    _products(raw, codes, scales, sums, out, _Q2_K)
+
+
+@njit(cache=True, nogil=True)
+def products_q3_k(raw, X, out):
+    codes, scales, sums = codes_of(X, 256, np.int16)
+    _products(raw, codes, scales, sums, out, _Q3_K)
+
+
+@njit(cache=True, nogil=True)
 def products_q4_k(raw, X, out):
     codes, scales, sums = codes_of(X, 256, np.int16)
     _products(raw, codes, scales, sums, out, _Q4_K)
@@ -631,5 +714,5 @@ Q = GGMLQuantizationType
 # One kernel serves matvec (n = 1) and matmul.
 KERNELS = {
     Q.Q4_0: products_q4_0, Q.Q4_1: products_q4_1, Q.Q5_0: products_q5_0, Q.Q8_0: products_q8_0,
-    Q.Q4_K: products_q4_k, Q.Q5_K: products_q5_k, Q.Q6_K: products_q6_k, Q.TQ2_0: products_tq2_0,
+    Q.Q2_K: products_q2_k, Q.Q3_K: products_q3_k, Q.Q4_K: products_q4_k, Q.Q5_K: products_q5_k, Q.Q6_K: products_q6_k, Q.TQ2_0: products_tq2_0,
 }
