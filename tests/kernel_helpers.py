@@ -117,10 +117,10 @@ def llama_activations(X: np.ndarray, qtype: GGMLQuantizationType) -> np.ndarray:
 
 def llama_product(weight, dequantized: np.ndarray, X: np.ndarray) -> np.ndarray:
     """X @ dequantized.T in float64 with X rounded as llama.cpp rounds it for the weight's
-    type. For Q4_1, ggml's Q8_1 activations also carry s = f16(amax / 127 * sum of codes) per
-    block, and the weights' m multiplies s instead of the rounded values' sum."""
+    type. For Q4_1 and Q5_1, ggml's Q8_1 activations also carry s = f16(amax / 127 * sum of
+    codes) per block, and the weights' m multiplies s instead of the rounded values' sum."""
     rounded = llama_activations(X, weight.type)
-    if weight.type != GGMLQuantizationType.Q4_1:
+    if weight.type not in (GGMLQuantizationType.Q4_1, GGMLQuantizationType.Q5_1):
         return reference_product(dequantized, rounded)
     rows, cols = dequantized.shape
     blocks = np.asarray(X, dtype=np.float32).reshape(X.shape[0], -1, 32)
@@ -129,7 +129,8 @@ def llama_product(weight, dequantized: np.ndarray, X: np.ndarray) -> np.ndarray:
         inverse = np.where(amax == 0, np.float32(0.0), np.float32(127.0) / amax).astype(np.float32)
     code_sums = np.rint(blocks * inverse[:, :, None]).sum(axis=2).astype(np.float32)
     s = (amax / np.float32(127.0) * code_sums).astype(np.float16).astype(np.float64)
-    m = weight.raw.reshape(rows, -1, 20)[:, :, 2:4].copy().view(np.float16)[:, :, 0].astype(np.float64)
+    block_bytes = GGML_QUANT_SIZES[weight.type][1]
+    m = weight.raw.reshape(rows, -1, block_bytes)[:, :, 2:4].copy().view(np.float16)[:, :, 0].astype(np.float64)
     without_m = np.asarray(dequantized, dtype=np.float64) - np.repeat(m, 32, axis=1)
     return reference_product(without_m, rounded) + s @ m.T
 

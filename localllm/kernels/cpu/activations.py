@@ -11,9 +11,9 @@ float32 rounding).
 
 Formats (constants from ggml-quants.c / the x86 quantizers):
   Q8_0 and Q8_1  32-value blocks; d = amax / 127 stored as f16; q = round-half-even(x * 127 / amax);
-                 the value is q * f16(d). Q8_1 also stores s = f16(d * sum q) for Q4_1's m:
-                 activation_codes gives it for the integer kernel; the float kernels (Q4_1
-                 without AVX2, Q5_1) use the sum of the rounded values instead, about 5e-4
+                 the value is q * f16(d). Q8_1 also stores s = f16(d * sum q) for Q4_1's and
+                 Q5_1's m: activation_codes gives it for the integer kernels; the float
+                 kernels (without AVX2) use the sum of the rounded values instead, about 5e-4
                  relative apart on real rows (the m term nearly cancels the rest).
   Q8_K           256-value blocks; with `max` the first value of largest magnitude,
                  iscale = -127 / max, q = min(127, round-half-even(iscale * x)), d = 1 / iscale
@@ -35,9 +35,8 @@ Q8_0_BLOCK = 32
 Q8_K_BLOCK = 256
 Q8_K_SUM_GROUP = 16
 # Weights whose integer products take ggml's Q8_1 activations: Q8_0's codes and scales plus each
-# block's s = f16(unrounded scale * sum of codes), which multiplies the weights' m (Q5_1 has
-# no integer kernel).
-Q8_1_WEIGHTS = (T.Q4_1,)
+# block's s = f16(unrounded scale * sum of codes), which multiplies the weights' m.
+Q8_1_WEIGHTS = (T.Q4_1, T.Q5_1)
 
 # The activation format ggml's CPU backend pairs with each weight type (`vec_dot_type`).
 ACTIVATION_BLOCK = {

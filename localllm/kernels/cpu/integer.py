@@ -14,7 +14,7 @@ AVX2 vec_dot does: `acc = fma(d_weight * d_activation, float(lane sums), acc)` i
 row (a stack buffer that LLVM keeps in registers), reduced once per row. The constant offsets
 of the codes (-1, -8, -16, -32) are subtracted inside the integer sums through the activation code
 sums (Q8_0's block sums, Q8_K's 16-value bsums); Q4_K's mins meet the code sums in their own
-lanes; Q4_1's m meets ggml's Q8_1 block sums s = f16(d_x * sum of codes), as in ggml. Lanes
+lanes; Q4_1's and Q5_1's m meets ggml's Q8_1 block sums s = f16(d_x * sum of codes), as in ggml. Lanes
 are reduced in ggml's hsum_float_8 order. (Plain multiply-then-add instead of the FMA cost
 Qwen2.5-0.5B a near-tie greedy continuation of llama.cpp's reference; Q4_1 with exact block
 sums instead of s, or without the hsum order, cost SmolLM2 one or two.)
@@ -26,10 +26,10 @@ tile. Each block's weight bytes are prefetched 2 KB ahead: the hardware prefetch
 a matvec from DRAM a quarter below the streaming read rate. Q5_0, whose per-block work is the
 heaviest for its size, takes blocks two at a time where a row has an even number of them (its
 lanes, and so its float rounding, then differ from ggml's; the totals of each block are the
-same integers). Formats: Q4_0, Q4_1, Q5_0, Q8_0 (32-value blocks, Q8_0/Q8_1 activation codes) and
+same integers). Formats: Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 (32-value blocks, Q8_0/Q8_1 activation codes) and
 Q2_K..Q6_K, TQ2_0 (256-value blocks, Q8_K codes): what the catalog's models and the common
-Q2_K..Q6_K "_M" files are made of, and a ternary format. Q5_1 and TQ1_0 keep the float
-kernels (matvec about 7 and 0.4 GB/s). Only used when Numba
+Q2_K..Q6_K "_M" files are made of, Q5_1, and a ternary format. TQ1_0 keeps its float kernel
+(matvec about 0.4 GB/s). Only used when Numba
 compiles for a host with AVX2 (`AVAILABLE`); elsewhere products.py keeps the float kernels,
 which give the same results up to float32 rounding.
 """
@@ -394,6 +394,13 @@ def _times_splat(builder, vector, scalar):
     return builder.fmul(vector, _pick(builder, splat, [0] * 8))
 
 
+def _fifth_bit_values(builder, block, bits_at):
+    """16 in byte j of a <32 x i8> where bit j of the 32-bit word at `bits_at` is set."""
+    bits = builder.load(builder.bitcast(builder.gep(block, [ir.Constant(_I64, bits_at)]), _I32.as_pointer()), align=1)
+    fifth = builder.zext(builder.bitcast(bits, _vector(ir.IntType(1), 32)), _vector(_I8, 32))
+    return builder.shl(fifth, _splat(_I8, 32, 4))
+
+
 # The 32-value formats (layouts in legacy.py): where the fifth-bit word (Q5_0) and the codes
 # sit in a block and the constant offset of the codes, which goes through the block's code sum.
 # Per activation row, acc[0:8] gets d * d_x * (values . codes).
@@ -406,10 +413,7 @@ def _legacy_codegen(bits_at, codes_at, value_offset):
         else:
             values = _nibbles_32(builder, block, codes_at)
             if bits_at is not None:
-                bits = builder.load(builder.bitcast(builder.gep(block, [ir.Constant(_I64, bits_at)]),
-                                                    _I32.as_pointer()), align=1)
-                fifth = builder.zext(builder.bitcast(bits, _vector(ir.IntType(1), 32)), _vector(_I8, 32))
-                values = builder.or_(values, builder.shl(fifth, _splat(_I8, 32, 4)))
+                values = builder.or_(values, _fifth_bit_values(builder, block, bits_at))
         d = _splatted_half(builder, block, 0)
         for t in range(count):
             activations = _load(builder, rows.codes_at(t), 0, _I8, 32)
@@ -468,11 +472,20 @@ def _q5_0_pair_codegen(builder, block, rows, count, acc):
         _accumulate(builder, _acc_at(builder, acc, 8 * t), builder.fmul(weight_scales, rows.lane_scales(t)), total)
 
 
-def _q4_1_codegen(builder, block, rows, count, acc):
-    """Q4_1 (20 bytes: f16 d, f16 m, 16 bytes of nibbles) against Q8_1 activations, whose
-    sums are ggml's s = f16(d_x * sum of codes): acc[0:8] gets d * d_x * (nibbles . codes)
-    and acc[8] m * s, as ggml's AVX2 vec_dot_q4_1_q8_1 does."""
-    values = _nibbles_32(builder, block, 4)
+def _offset_codegen(bits_at, codes_at):
+    def codegen(builder, block, rows, count, acc):
+        _codes_with_minimum(builder, block, rows, count, acc, bits_at, codes_at)
+    return codegen
+
+
+def _codes_with_minimum(builder, block, rows, count, acc, bits_at, codes_at):
+    """Q4_1 (20 bytes: f16 d, f16 m, 16 bytes of nibbles) and Q5_1 (24 bytes: f16 d, f16 m,
+    fifth-bit word, nibbles) against Q8_1 activations, whose sums are ggml's
+    s = f16(d_x * sum of codes): acc[0:8] gets d * d_x * (values . codes) and acc[8] m * s, as
+    ggml's AVX2 vec_dot_q4_1_q8_1 and vec_dot_q5_1_q8_1 do."""
+    values = _nibbles_32(builder, block, codes_at)
+    if bits_at is not None:
+        values = builder.or_(values, _fifth_bit_values(builder, block, bits_at))
     d, m = _halves(builder, block, 0)[:2]
     fma = _function(builder, "llvm.fma.f32", _F32, [_F32] * 3)
     for t in range(count):
@@ -520,7 +533,7 @@ def _tq2_0_codegen(builder, block, rows, count, acc):
         _accumulate(builder, _acc_at(builder, acc, 8 * t), _times_splat(builder, d, rows.scale(t)), builder.sub(total, offsets))
 
 
-_Q4_0, _Q5_0, _Q8_0, _Q4_K, _Q6_K, _Q4_1, _TQ2_0, _Q5_0_PAIRS, _Q5_K, _Q2_K, _Q3_K = range(11)
+_Q4_0, _Q5_0, _Q8_0, _Q4_K, _Q6_K, _Q4_1, _TQ2_0, _Q5_0_PAIRS, _Q5_K, _Q2_K, _Q3_K, _Q5_1 = range(12)
 # Per kind: bytes per block, values per block, values per code sum, acc lanes per activation
 # row, and the block's code generator.
 _FORMATS = {
@@ -529,12 +542,13 @@ _FORMATS = {
     _Q8_0: (34, 32, 32, 8, _legacy_codegen(None, 2, None)),
     _Q4_K: (144, 256, 16, 16, _k_scales_codegen(16, None)),
     _Q6_K: (210, 256, 16, 8, _q6_k_codegen),
-    _Q4_1: (20, 32, 32, 16, _q4_1_codegen),
+    _Q4_1: (20, 32, 32, 16, _offset_codegen(None, 4)),
     _TQ2_0: (66, 256, 16, 8, _tq2_0_codegen),
     _Q5_0_PAIRS: (44, 64, 8, 8, _q5_0_pair_codegen),
     _Q5_K: (176, 256, 16, 16, _k_scales_codegen(48, 16)),
     _Q2_K: (84, 256, 16, 16, _two_bit_codegen(False)),
     _Q3_K: (110, 256, 16, 8, _two_bit_codegen(True)),
+    _Q5_1: (24, 32, 32, 16, _offset_codegen(4, 8)),
 }
 _BLOCK_BYTES = tuple(_FORMATS[kind][0] for kind in range(len(_FORMATS)))
 _ACC_LANES = tuple(_FORMATS[kind][3] for kind in range(len(_FORMATS)))
@@ -573,7 +587,7 @@ def _finish(kind, acc, lane):
         for j in range(8):
             shifted += acc[lane + 8 + j]
         return total - shifted
-    if kind == _Q4_1:
+    if kind == _Q4_1 or kind == _Q5_1:
         return total + acc[lane + 8]
     return total
 
@@ -661,6 +675,12 @@ def products_q5_0(raw, X, out):
 
 
 @njit(cache=True, nogil=True)
+def products_q5_1(raw, X, out):
+    codes, scales, sums = codes_of(X, 32, np.float32)
+    _products(raw, codes, scales, sums, out, _Q5_1)
+
+
+@njit(cache=True, nogil=True)
 def products_q8_0(raw, X, out):
     codes, scales, sums = codes_of(X, 32, np.int32)
     _products(raw, codes, scales, sums, out, _Q8_0)
@@ -713,6 +733,7 @@ Q = GGMLQuantizationType
 # (activations.codes_of, ggml's Q8_0 / Q8_1 / Q8_K for the format) and multiplied, in one call.
 # One kernel serves matvec (n = 1) and matmul.
 KERNELS = {
-    Q.Q4_0: products_q4_0, Q.Q4_1: products_q4_1, Q.Q5_0: products_q5_0, Q.Q8_0: products_q8_0,
+    Q.Q4_0: products_q4_0, Q.Q4_1: products_q4_1, Q.Q5_0: products_q5_0, Q.Q5_1: products_q5_1,
+    Q.Q8_0: products_q8_0,
     Q.Q2_K: products_q2_k, Q.Q3_K: products_q3_k, Q.Q4_K: products_q4_k, Q.Q5_K: products_q5_k, Q.Q6_K: products_q6_k, Q.TQ2_0: products_tq2_0,
 }
