@@ -39,8 +39,6 @@ __all__ = [
 
 # A warm_up whose activation-rounding step takes longer than this is compiling, not loading.
 _COLD_CACHE_SECONDS = 0.3
-# Types whose kernels are all in floats.py: a parallel warm_up's first process compiles them.
-_FLOAT_TYPES = (GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizationType.BF16)
 
 
 class _TinyWeight:
@@ -68,17 +66,16 @@ def _warm_embed(qtype: GGMLQuantizationType) -> None:
 
 
 def warm_float_kernels(type_names: list[str], with_ops: bool = False) -> None:
-    """The second process of a parallel warm_up: the legacy and K-quant kernels (legacy.py,
+    """The second process of a parallel warm_up: the float kernels (floats.py, legacy.py,
     kquants.py) of the named types, i.e. their embedding lookups and, where there is no
     integer kernel, their products, then (`with_ops`) the transformer ops. The first process
     compiles none of these, so the two never write entries of the same function to Numba's
     cache."""
     for name in type_names:
         qtype = GGMLQuantizationType[name]
-        if qtype not in _FLOAT_TYPES:
-            _warm_embed(qtype)
-            if qtype not in INTEGER_PRODUCTS:
-                _warm_products(qtype)
+        _warm_embed(qtype)
+        if qtype not in INTEGER_PRODUCTS:
+            _warm_products(qtype)
     if with_ops:
         warm_up_ops()
 
@@ -100,9 +97,8 @@ def warm_up(types: Iterable[GGMLQuantizationType] | None = None,
 
     `progress(label, done, total)` is called before each step; a cold cache takes tens of
     seconds, a warm one about a second. With `processes` > 1 (default: 2 where there are two
-    cores) and a cold cache, a second Python process compiles the legacy and K-quant kernels
-    and the ops (warm_float_kernels) into the shared cache while this one compiles the integer
-    products and the F32/F16/BF16 kernels (about 40 s against 30 s of compiling, measured);
+    cores) and a cold cache, a second Python process compiles the float kernels and the ops
+    (warm_float_kernels) into the shared cache while this one compiles the integer products;
     this process then loads what the other compiled (and compiles whatever it could not).
     """
     selected = list(KERNELS) if types is None else list(types)
@@ -113,7 +109,7 @@ def warm_up(types: Iterable[GGMLQuantizationType] | None = None,
         steps.append(("transformer ops", warm_up_ops))
         _run_steps(steps, progress, 0)
         return
-    here = [qtype for qtype in selected if qtype in INTEGER_PRODUCTS or qtype in _FLOAT_TYPES]
+    here = [qtype for qtype in selected if qtype in INTEGER_PRODUCTS]
     total = len(here) + 3
     if progress is not None:
         progress("activation rounding", 0, total)
@@ -122,8 +118,7 @@ def warm_up(types: Iterable[GGMLQuantizationType] | None = None,
     # Loaded from the cache in a blink: the rest most likely is cached too, and a second
     # process would only cost its start-up.
     worker = _start_float_worker(selected) if time.perf_counter() - started > _COLD_CACHE_SECONDS else None
-    steps = [(f"{qtype.name} kernels", partial(_warm_type if qtype in _FLOAT_TYPES else _warm_products, qtype))
-             for qtype in here]
+    steps = [(f"{qtype.name} kernels", partial(_warm_products, qtype)) for qtype in here]
     if worker is None:
         steps.append(("other kernels and ops", partial(warm_float_kernels, [qtype.name for qtype in selected], True)))
     else:

@@ -27,9 +27,8 @@ a matvec from DRAM a quarter below the streaming read rate. Q5_0, whose per-bloc
 heaviest for its size, takes blocks two at a time where a row has an even number of them (its
 lanes, and so its float rounding, then differ from ggml's; the totals of each block are the
 same integers). Formats: Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 (32-value blocks, Q8_0/Q8_1 activation codes) and
-Q2_K..Q6_K, TQ2_0 (256-value blocks, Q8_K codes): what the catalog's models and the common
-Q2_K..Q6_K "_M" files are made of, Q5_1, and a ternary format. TQ1_0 keeps its float kernel
-(matvec about 0.4 GB/s). Only used when Numba
+Q2_K..Q6_K, TQ1_0, TQ2_0 (256-value blocks, Q8_K codes): what the catalog's models and the common
+Q2_K..Q6_K "_M" files are made of, Q5_1, and the ternary TQ1_0 and TQ2_0: every block format. Only used when Numba
 compiles for a host with AVX2 (`AVAILABLE`); elsewhere products.py keeps the float kernels,
 which give the same results up to float32 rounding.
 """
@@ -533,7 +532,42 @@ def _tq2_0_codegen(builder, block, rows, count, acc):
         _accumulate(builder, _acc_at(builder, acc, 8 * t), _times_splat(builder, d, rows.scale(t)), builder.sub(total, offsets))
 
 
-_Q4_0, _Q5_0, _Q8_0, _Q4_K, _Q6_K, _Q4_1, _TQ2_0, _Q5_0_PAIRS, _Q5_K, _Q2_K, _Q3_K, _Q5_1 = range(12)
+# TQ1_0 (54 bytes): 48 bytes of five base-3 digits each, 4 bytes of four, f16 d. Digit n of a
+# byte b is floor(3 * (b * 3^n mod 256) / 256): bytes 0..31 hold values 32n + m, bytes 32..47
+# values 160 + 16n + m, bytes 48..51 values 240 + 4n + m. The codes are 0..2 with an offset
+# of -1, which goes through the 16-value code sums. The weights are read as bytes 0..31 and
+# 22..53 (the last 32 bytes of the block), and _tq1_0_activations lays each block's activation
+# codes out as ten 32-byte vectors to match: digit n of the first, then digit n of the second
+# (zeros against bytes 22..31 and the scale). Per activation row, acc[0:8] gets
+# d * d_x * ((q - 1) . codes).
+_TQ1_0_ACTIVATION_BYTES = 320
+
+
+def _tq1_0_codegen(builder, block, rows, count, acc):
+    digits = []
+    for offset in (0, 22):
+        powers = _load(builder, block, offset, _I8, 32)
+        for n in range(5):
+            if n:
+                # times 3, modulo 256: byte adds wrap
+                powers = builder.add(builder.add(powers, powers), powers)
+            # floor(3t / 256) is 1 from t = 86 and 2 from t = 171.
+            digit = builder.add(builder.zext(builder.icmp_unsigned(">=", powers, _splat(_I8, 32, 86)), _vector(_I8, 32)),
+                                builder.zext(builder.icmp_unsigned(">=", powers, _splat(_I8, 32, 171)), _vector(_I8, 32)))
+            digits.append(digit)
+    d = _splatted_half(builder, block, 52)
+    for t in range(count):
+        codes = rows.codes_at(t)
+        # Ten pair sums of at most 2 * 2 * 127 each fit 16 bits.
+        pairs = ir.Constant(_vector(_I16, 16), None)
+        for i, digit in enumerate(digits):
+            pairs = builder.add(pairs, _madd_unsigned_signed(builder, digit, _load(builder, codes, 32 * i, _I8, 32)))
+        total = _madd_words(builder, pairs, _splat(_I16, 16, 1))
+        offsets = _madd_words(builder, _load(builder, rows.sums_at(t), 0, _I16, 16), _splat(_I16, 16, 1))
+        _accumulate(builder, _acc_at(builder, acc, 8 * t), _times_splat(builder, d, rows.scale(t)), builder.sub(total, offsets))
+
+
+_Q4_0, _Q5_0, _Q8_0, _Q4_K, _Q6_K, _Q4_1, _TQ2_0, _Q5_0_PAIRS, _Q5_K, _Q2_K, _Q3_K, _Q5_1, _TQ1_0 = range(13)
 # Per kind: bytes per block, values per block, values per code sum, acc lanes per activation
 # row, and the block's code generator.
 _FORMATS = {
@@ -549,6 +583,8 @@ _FORMATS = {
     _Q2_K: (84, 256, 16, 16, _two_bit_codegen(False)),
     _Q3_K: (110, 256, 16, 8, _two_bit_codegen(True)),
     _Q5_1: (24, 32, 32, 16, _offset_codegen(4, 8)),
+    # "values": the activation bytes per block; 16 code sums over them.
+    _TQ1_0: (54, _TQ1_0_ACTIVATION_BYTES, _TQ1_0_ACTIVATION_BYTES // 16, 8, _tq1_0_codegen),
 }
 _BLOCK_BYTES = tuple(_FORMATS[kind][0] for kind in range(len(_FORMATS)))
 _ACC_LANES = tuple(_FORMATS[kind][3] for kind in range(len(_FORMATS)))
@@ -723,6 +759,33 @@ def products_q6_k(raw, X, out):
 
 
 @njit(cache=True, nogil=True)
+def _tq1_0_activations(codes):
+    """Q8_K activation codes laid out for _tq1_0_codegen: per 256-value block, for digits
+    n = 0..4 values 32n .. 32n + 31, then for n = 0..4 ten zeros, values 160 + 16n .. + 15,
+    values 240 + 4n .. + 3 (zeros for n = 4) and two zeros."""
+    n, cols = codes.shape
+    blocks = cols // 256
+    laid_out = np.zeros((n, blocks * _TQ1_0_ACTIVATION_BYTES), dtype=np.int8)
+    for i in range(n):
+        for b in range(blocks):
+            source = 256 * b
+            target = _TQ1_0_ACTIVATION_BYTES * b
+            for digit in range(5):
+                laid_out[i, target + 32 * digit:target + 32 * digit + 32] = codes[i, source + 32 * digit:source + 32 * digit + 32]
+                second = target + 160 + 32 * digit
+                laid_out[i, second + 10:second + 26] = codes[i, source + 160 + 16 * digit:source + 176 + 16 * digit]
+                if digit < 4:
+                    laid_out[i, second + 26:second + 30] = codes[i, source + 240 + 4 * digit:source + 244 + 4 * digit]
+    return laid_out
+
+
+@njit(cache=True, nogil=True)
+def products_tq1_0(raw, X, out):
+    codes, scales, sums = codes_of(X, 256, np.int16)
+    _products(raw, _tq1_0_activations(codes), scales, sums, out, _TQ1_0)
+
+
+@njit(cache=True, nogil=True)
 def products_tq2_0(raw, X, out):
     codes, scales, sums = codes_of(X, 256, np.int16)
     _products(raw, codes, scales, sums, out, _TQ2_0)
@@ -735,5 +798,6 @@ Q = GGMLQuantizationType
 KERNELS = {
     Q.Q4_0: products_q4_0, Q.Q4_1: products_q4_1, Q.Q5_0: products_q5_0, Q.Q5_1: products_q5_1,
     Q.Q8_0: products_q8_0,
-    Q.Q2_K: products_q2_k, Q.Q3_K: products_q3_k, Q.Q4_K: products_q4_k, Q.Q5_K: products_q5_k, Q.Q6_K: products_q6_k, Q.TQ2_0: products_tq2_0,
+    Q.Q2_K: products_q2_k, Q.Q3_K: products_q3_k, Q.Q4_K: products_q4_k, Q.Q5_K: products_q5_k, Q.Q6_K: products_q6_k,
+    Q.TQ1_0: products_tq1_0, Q.TQ2_0: products_tq2_0,
 }
