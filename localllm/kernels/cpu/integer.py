@@ -1,7 +1,7 @@
 """Integer products on AVX2: 8-bit weight codes times 8-bit activation codes, as llama.cpp does it.
 
 The float kernels (kquants.py, legacy.py) convert every code to float32 and spend most of their
-time on that conversion: they decode at a quarter to a half of the memory bandwidth. llama.cpp
+time on that conversion: their matvecs ran at 0.3 (TQ1_0) to 7 (Q5_1) GB/s. llama.cpp
 instead multiplies the integer codes of the weights by the integer codes of the activations
 (rounded to 8 bits, activations.py) with `vpmaddubsw` (32 unsigned-by-signed byte products,
 summed in pairs) and `vpmaddwd` (16-bit pairs times a sub-block scale, summed to 32 bits), and

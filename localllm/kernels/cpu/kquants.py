@@ -23,10 +23,9 @@ ggml-common.h and dequantize_row_* in ggml-quants.c).
   the kernels than in one that loaded them from Numba's cache, and greedy decoding then
   depended on whether it was the first run after installing.
   The kernels multiply float32 activations (rounded to 8 bits first by products.py, the way
-  llama.cpp does it, or not at all). On AVX2 machines products.py sends rounded Q4_K and Q6_K
-  activations to the integer kernels of integer.py instead (matvec and matmul), which run two
-  to three times faster; these float kernels serve float activations, the other formats and
-  other CPUs.
+  llama.cpp does it, or not at all). On AVX2 machines products.py sends rounded activations to
+  the integer kernels of integer.py instead (matvec and matmul), which run several times
+  faster; these float kernels serve float activations and other CPUs.
 * `matmul` (prefill, speculative verification) decodes a tile of `ROW_TILE` weight rows one
   block at a time into a small float32 buffer that stays in L1, then reuses each decoded block
   for every activation row. Dequantized tiles through sgemm (one BLAS thread per core, so

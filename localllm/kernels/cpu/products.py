@@ -12,9 +12,9 @@ over output rows with prange):
     dequantize_rows(raw, row_ids, out)     row_ids: int64[m], out: float32[m, cols];
                                            bit-exact with gguf.quants.dequantize
 
-integer.py adds, for the formats llama.cpp's models mostly use, one kernel per format for both
-products, ``products(raw, X, out)``, which rounds X to 8-bit codes and multiplies those; used
-when activations are rounded and the CPU has AVX2.
+integer.py adds, for every block format, one kernel for both products,
+``products(raw, X, out)``, which rounds X to 8-bit codes and multiplies those; used when
+activations are rounded and the CPU has AVX2.
 
 Kernels assume validated inputs. This module validates everything first (dtypes, contiguity,
 row_bytes == cols / block_size * type_size, lengths, id ranges, out shapes) and raises
