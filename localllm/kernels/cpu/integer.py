@@ -12,12 +12,13 @@ vector IR directly, with those two instructions as `llvm.x86.avx2.*` intrinsics.
 Every block's integer sums are exact, in llama.cpp's lanes; the float side does what ggml's
 AVX2 vec_dot does: `acc = fma(d_weight * d_activation, float(lane sums), acc)` in 8 lanes per
 row (a stack buffer that LLVM keeps in registers), reduced once per row. The constant offsets
-of the codes (-1, -8, -16, -32) are subtracted inside the integer sums through the activation code
-sums (Q8_0's block sums, Q8_K's 16-value bsums); Q4_K's mins meet the code sums in their own
-lanes; Q4_1's and Q5_1's m meets ggml's Q8_1 block sums s = f16(d_x * sum of codes), as in ggml. Lanes
-are reduced in ggml's hsum_float_8 order. (Plain multiply-then-add instead of the FMA cost
-Qwen2.5-0.5B a near-tie greedy continuation of llama.cpp's reference; Q4_1 with exact block
-sums instead of s, or without the hsum order, cost SmolLM2 one or two.)
+of the codes (-1, -4, -8, -16, -32) are subtracted inside the integer sums through the
+activation code sums (Q8_0's block sums, Q8_K's 16-value bsums); Q2_K's and Q4_K's mins meet the
+code sums in their own lanes; Q4_1's and Q5_1's m meets ggml's Q8_1 block sums
+s = f16(d_x * sum of codes), as in ggml. Lanes are reduced in ggml's hsum_float_8 order.
+(Plain multiply-then-add instead of the FMA cost Qwen2.5-0.5B a near-tie greedy continuation
+of llama.cpp's reference; Q4_1 with exact block sums instead of s, or without the hsum order,
+or two blocks at a time, cost SmolLM2 one or two.)
 
 One kernel per format serves decoding (one activation row) and prefill (n rows): a tile of four
 activation rows meets each weight block once it is decoded, and a chunk of weight rows is the
@@ -26,11 +27,12 @@ tile. Each block's weight bytes are prefetched 2 KB ahead: the hardware prefetch
 a matvec from DRAM a quarter below the streaming read rate. Q5_0, whose per-block work is the
 heaviest for its size, takes blocks two at a time where a row has an even number of them (its
 lanes, and so its float rounding, then differ from ggml's; the totals of each block are the
-same integers). Formats: Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 (32-value blocks, Q8_0/Q8_1 activation codes) and
-Q2_K..Q6_K, TQ1_0, TQ2_0 (256-value blocks, Q8_K codes): what the catalog's models and the common
-Q2_K..Q6_K "_M" files are made of, Q5_1, and the ternary TQ1_0 and TQ2_0: every block format. Only used when Numba
-compiles for a host with AVX2 (`AVAILABLE`); elsewhere products.py keeps the float kernels,
-which give the same results up to float32 rounding.
+same integers).
+
+Formats: every block format. Q4_0, Q4_1, Q5_0, Q5_1 and Q8_0 (32-value blocks) take Q8_0 or
+Q8_1 activation codes; Q2_K..Q6_K, TQ1_0 and TQ2_0 (256-value blocks) take Q8_K codes. Only
+used when Numba compiles for a host with AVX2 (`AVAILABLE`); elsewhere products.py keeps the
+float kernels, which give the same results up to float32 rounding.
 """
 
 import numpy as np
