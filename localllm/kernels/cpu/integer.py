@@ -74,11 +74,16 @@ def _splat(element, count, value):
     return ir.Constant(_vector(element, count), [value] * count)
 
 
-def _load(builder, pointer, offset, element, count):
-    """count elements of `element` type at byte pointer + offset (an int or an i64 value)."""
+def _address(builder, pointer, offset):
+    """The i8* at byte pointer + offset (an int or an i64 value)."""
     if not isinstance(offset, ir.Value):
         offset = ir.Constant(_I64, offset)
-    address = builder.gep(builder.bitcast(pointer, _I8.as_pointer()), [offset])
+    return builder.gep(builder.bitcast(pointer, _I8.as_pointer()), [offset])
+
+
+def _load(builder, pointer, offset, element, count):
+    """count elements of `element` type at byte pointer + offset (an int or an i64 value)."""
+    address = _address(builder, pointer, offset)
     return builder.load(builder.bitcast(address, _vector(element, count).as_pointer()), align=1)
 
 
@@ -133,9 +138,9 @@ def _halves(builder, pointer, offset):
     picks, and where that register was in use the false dependency cost Q4_1 and Q5_0 up to a
     third of their speed (depending on each compile's register allocation). Every caller's
     block has 8 bytes from `offset` on."""
-    address = builder.gep(builder.bitcast(pointer, _I8.as_pointer()), [ir.Constant(_I64, offset)])
     convert = ir.FunctionType(_vector(_F32, 4), [_I8.as_pointer()])
-    floats = builder.asm(convert, "vcvtph2ps ($1), $0", "=x,r", [address], side_effect=False)
+    floats = builder.asm(convert, "vcvtph2ps ($1), $0", "=x,r", [_address(builder, pointer, offset)],
+                         side_effect=False)
     return [builder.extract_element(floats, ir.Constant(_I32, i)) for i in range(4)]
 
 
@@ -195,15 +200,42 @@ def _prefetch_ahead(builder, block, block_bytes):
     """Prefetch every cache line of the block _PREFETCH_BYTES on (past a row's end, the next
     rows'; an x86 prefetch of an address outside the map does not fault)."""
     prefetch = _function(builder, "llvm.prefetch.p0i8", ir.VoidType(), [_I8.as_pointer(), _I32, _I32, _I32])
-    start = builder.bitcast(block, _I8.as_pointer())
     for line in range(0, block_bytes, 64):
-        ahead = builder.gep(start, [ir.Constant(_I64, _PREFETCH_BYTES + line)])
+        ahead = _address(builder, block, _PREFETCH_BYTES + line)
         # read, keep in all cache levels, data
         builder.call(prefetch, [ahead, ir.Constant(_I32, 0), ir.Constant(_I32, 3), ir.Constant(_I32, 1)])
 
 
 def _acc_at(builder, acc, lane):
     return builder.gep(acc, [ir.Constant(_I64, lane)])
+
+
+def _or_where_bit_set(builder, values, bits, value):
+    """values[i] |= `value` in each byte whose byte of `bits` (<32 x i8>) has bit i set: the
+    extra high bit of Q5_K's (16) and Q3_K's (4) codes, bit i for sub-block i."""
+    for i in range(len(values)):
+        is_set = builder.icmp_unsigned("!=", builder.and_(bits, _splat(_I8, 32, 1 << i)), _splat(_I8, 32, 0))
+        values[i] = builder.or_(values[i], builder.and_(builder.sext(is_set, _vector(_I8, 32)), _splat(_I8, 32, value)))
+
+
+def _sixteen_scale_splats(builder, scales):
+    """For 16 scales of 16 values each (<16 x i16>), the vpmaddwd operand of each 32-value
+    vector: scale 2i in its first 128-bit half, 2i + 1 in its second."""
+    splats = []
+    for half in range(2):
+        words = _pick(builder, scales, range(8 * half, 8 * half + 8))
+        splats += _word_splats(builder, words, [[2 * i] * 8 + [2 * i + 1] * 8 for i in range(4)])
+    return splats
+
+
+def _scaled_dot(builder, values, codes, splats):
+    """<8 x i32> sum over i of splats[i] times the pair sums of values[i] . 32 activation codes
+    at codes + 32 i."""
+    total = ir.Constant(_vector(_I32, 8), None)
+    for i, value in enumerate(values):
+        pairs = _madd_unsigned_signed(builder, value, _load(builder, codes, 32 * i, _I8, 32))
+        total = builder.add(total, _madd_words(builder, pairs, splats[i]))
+    return total
 
 
 # Q4_K (144 bytes): f16 d, f16 dmin, 12 bytes of 6-bit scales and mins, 128 bytes of nibbles
@@ -239,19 +271,11 @@ def _scaled_sub_blocks(builder, block, rows, count, acc, nibbles_at, bits_at):
         packed = _load(builder, block, nibbles_at + 32 * j, _I8, 32)
         nibbles += [builder.and_(packed, _splat(_I8, 32, 15)), builder.lshr(packed, _splat(_I8, 32, 4))]
     if bits_at is not None:
-        bits = _load(builder, block, bits_at, _I8, 32)
-        for i in range(8):
-            is_set = builder.icmp_unsigned("!=", builder.and_(bits, _splat(_I8, 32, 1 << i)), _splat(_I8, 32, 0))
-            fifth = builder.and_(builder.sext(is_set, _vector(_I8, 32)), _splat(_I8, 32, 16))
-            nibbles[i] = builder.or_(nibbles[i], fifth)
+        _or_where_bit_set(builder, nibbles, _load(builder, block, bits_at, _I8, 32), 16)
     d, dmin = _halves(builder, block, 0)[:2]
     scale_splats = _word_splats(builder, scales, [[i] * 16 for i in range(8)])
     for t in range(count):
-        codes = rows.codes_at(t)
-        total = ir.Constant(_vector(_I32, 8), None)
-        for i, values in enumerate(nibbles):
-            pairs = _madd_unsigned_signed(builder, values, _load(builder, codes, 32 * i, _I8, 32))
-            total = builder.add(total, _madd_words(builder, pairs, scale_splats[i]))
+        total = _scaled_dot(builder, nibbles, rows.codes_at(t), scale_splats)
         d_x = rows.scale(t)
         _accumulate(builder, _acc_at(builder, acc, 16 * t), builder.fmul(d, d_x), total)
         code_sums = _load(builder, rows.sums_at(t), 0, _I16, 16)
@@ -283,16 +307,9 @@ def _q6_k_codegen(builder, block, rows, count, acc):
         ]
     # d is the block's last two bytes: the load ends with them.
     d = _halves(builder, block, 202)[3]
-    scale_splats = []
-    for half in range(2):
-        words = _pick(builder, scales, range(8 * half, 8 * half + 8))
-        scale_splats += _word_splats(builder, words, [[2 * i] * 8 + [2 * i + 1] * 8 for i in range(4)])
+    scale_splats = _sixteen_scale_splats(builder, scales)
     for t in range(count):
-        codes = rows.codes_at(t)
-        total = ir.Constant(_vector(_I32, 8), None)
-        for i, value in enumerate(values):
-            pairs = _madd_unsigned_signed(builder, value, _load(builder, codes, 32 * i, _I8, 32))
-            total = builder.add(total, _madd_words(builder, pairs, scale_splats[i]))
+        total = _scaled_dot(builder, values, rows.codes_at(t), scale_splats)
         code_sums = _load(builder, rows.sums_at(t), 0, _I16, 16)
         offsets = builder.shl(_madd_words(builder, code_sums, scales), _splat(_I32, 8, 5))
         _accumulate(builder, _acc_at(builder, acc, 8 * t), builder.fmul(d, rows.scale(t)), builder.sub(total, offsets))
@@ -332,10 +349,7 @@ def _two_bit_codegen(with_third_bits):
                 shifted = builder.lshr(builder.bitcast(packed, _vector(_I16, 16)), _splat(_I16, 16, 2 * j))
                 values.append(builder.and_(builder.bitcast(shifted, _vector(_I8, 32)), _splat(_I8, 32, 3)))
         if with_third_bits:
-            bits = _load(builder, block, 0, _I8, 32)
-            for i in range(8):
-                is_set = builder.icmp_unsigned("!=", builder.and_(bits, _splat(_I8, 32, 1 << i)), _splat(_I8, 32, 0))
-                values[i] = builder.or_(values[i], builder.and_(builder.sext(is_set, _vector(_I8, 32)), _splat(_I8, 32, 4)))
+            _or_where_bit_set(builder, values, _load(builder, block, 0, _I8, 32), 4)
             scales = _q3_k_scales(builder, block)
             # d is the block's last two bytes: the load ends with them.
             d = _halves(builder, block, 102)[3]
@@ -345,17 +359,10 @@ def _two_bit_codegen(with_third_bits):
             mins = builder.zext(builder.lshr(packed_scales, _splat(_I8, 16, 4)), _vector(_I16, 16))
             # d and dmin are the block's last four bytes: the load ends with them.
             d, dmin = _halves(builder, block, 76)[2:]
-        scale_splats = []
-        for h in range(2):
-            words = _pick(builder, scales, range(8 * h, 8 * h + 8))
-            scale_splats += _word_splats(builder, words, [[2 * j] * 8 + [2 * j + 1] * 8 for j in range(4)])
+        scale_splats = _sixteen_scale_splats(builder, scales)
         lanes = 8 if with_third_bits else 16
         for t in range(count):
-            codes = rows.codes_at(t)
-            total = ir.Constant(_vector(_I32, 8), None)
-            for i, value in enumerate(values):
-                pairs = _madd_unsigned_signed(builder, value, _load(builder, codes, 32 * i, _I8, 32))
-                total = builder.add(total, _madd_words(builder, pairs, scale_splats[i]))
+            total = _scaled_dot(builder, values, rows.codes_at(t), scale_splats)
             code_sums = _load(builder, rows.sums_at(t), 0, _I16, 16)
             d_x = rows.scale(t)
             if with_third_bits:
@@ -383,10 +390,9 @@ def _splatted_half(builder, pointer, offset):
     """The f16 at byte pointer + offset as float32 in all 8 lanes: broadcast from memory, then
     converted (inline assembly, for the reason _halves gives). Scaling a float32 scalar would
     need a 32-byte broadcast on the shuffle ports, which the blocks' codes keep busy."""
-    address = builder.gep(builder.bitcast(pointer, _I8.as_pointer()), [ir.Constant(_I64, offset)])
     convert = ir.FunctionType(_vector(_F32, 8), [_I8.as_pointer()])
-    return builder.asm(convert, "vpbroadcastw ($1), ${0:x}\n\tvcvtph2ps ${0:x}, $0", "=x,r", [address],
-                       side_effect=False)
+    return builder.asm(convert, "vpbroadcastw ($1), ${0:x}\n\tvcvtph2ps ${0:x}, $0", "=x,r",
+                       [_address(builder, pointer, offset)], side_effect=False)
 
 
 def _times_splat(builder, vector, scalar):
@@ -453,15 +459,13 @@ def _q5_0_pair_codegen(builder, block, rows, count, acc):
     high_nibbles = builder.bitcast(builder.lshr(builder.bitcast(packed, _vector(_I16, 16)), _splat(_I16, 16, 4)),
                                    _vector(_I8, 32))
     splat_words = ir.FunctionType(_vector(_I32, 8), [_I8.as_pointer()])
-    word_a, word_b = [builder.asm(splat_words, "vpbroadcastd ($1), $0", "=x,r",
-                                  [builder.gep(builder.bitcast(block, _I8.as_pointer()), [ir.Constant(_I64, offset)])],
+    word_a, word_b = [builder.asm(splat_words, "vpbroadcastd ($1), $0", "=x,r", [_address(builder, block, offset)],
                                   side_effect=False) for offset in (2, 24)]
     words = builder.shuffle_vector(word_a, word_b, ir.Constant(_vector(_I32, 8), [0, 1, 2, 3, 12, 13, 14, 15]))
     values = [builder.or_(builder.and_(nibbles, _splat(_I8, 32, 15)), _fifth_bits(builder, words, half))
               for half, nibbles in enumerate((packed, high_nibbles))]
     broadcast = ir.FunctionType(_vector(_I16, 8), [_I8.as_pointer()])
-    halves = [builder.asm(broadcast, "vpbroadcastw ($1), $0", "=x,r",
-                          [builder.gep(builder.bitcast(block, _I8.as_pointer()), [ir.Constant(_I64, offset)])],
+    halves = [builder.asm(broadcast, "vpbroadcastw ($1), $0", "=x,r", [_address(builder, block, offset)],
                           side_effect=False) for offset in (0, 22)]
     scales_ab = builder.shuffle_vector(halves[0], halves[1], ir.Constant(_vector(_I32, 8), [0, 1, 2, 3, 12, 13, 14, 15]))
     weight_scales = builder.fpext(builder.bitcast(scales_ab, _vector(ir.HalfType(), 8)), _vector(_F32, 8))
