@@ -127,8 +127,6 @@ def bench_matvec(qtype, shapes, bandwidth, pool, quick, rng):
         seconds = best_time(cycle, 2 if quick else 4) / len(matrices)
         rate = matrices[0].nbytes / seconds / 1e9
         row.append(f"{rate:.1f} ({rate / bandwidth:.2f})")
-        for matrix in matrices:
-            matrix.flags.writeable = True
     return row
 
 
