@@ -200,9 +200,21 @@ def compare(path: str, args, python_for_llamacpp: str) -> list[str]:
     return lines
 
 
+def llama_cpp_version(python: str) -> str | None:
+    """llama-cpp-python's version in `python`, or None (after saying how to install it)."""
+    probe = subprocess.run([python, "-c", "import llama_cpp; print(llama_cpp.__version__)"],
+                           capture_output=True, text=True)
+    if probe.returncode != 0:
+        print(INSTALL_HINT.format(python=python))
+        return None
+    return probe.stdout.strip()
+
+
 def main() -> int:
     if len(sys.argv) > 1 and sys.argv[1] == "--worker":
-        engine, path, threads, n_ctx = sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5])
+        engine, path, threads, n_ctx = sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5])
+        # localllm also takes "auto" (follow the free cores); llama.cpp only counts.
+        threads = threads if threads == "auto" and engine == "ours" else int(threads)
         worker(engine, path, threads, n_ctx)
         return 0
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -215,16 +227,14 @@ def main() -> int:
                         help="Python interpreter that has llama-cpp-python (default: this one)")
     args = parser.parse_args()
 
-    probe = subprocess.run([args.llama_python, "-c", "import llama_cpp; print(llama_cpp.__version__)"],
-                           capture_output=True, text=True)
-    if probe.returncode != 0:
-        print(INSTALL_HINT.format(python=args.llama_python))
+    version = llama_cpp_version(args.llama_python)
+    if version is None:
         return 0
 
     from localllm.runtime.catalog import catalog, ensure_model
 
     paths = [str(ensure_model(name)) for name in (args.models or catalog())]
-    print(f"llama-cpp-python {probe.stdout.strip()}, {args.threads} threads, {args.repetitions} repetitions, "
+    print(f"llama-cpp-python {version}, {args.threads} threads, {args.repetitions} repetitions, "
           f"alternating A/B")
     print(f"{'model':<42} {'test':>6} {'ours t/s':>18} {'llama.cpp t/s':>18} {'ratio':>7}")
     for path in paths:

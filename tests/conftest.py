@@ -24,14 +24,26 @@ def model_params(names=CATALOG_MODELS):
     ]
 
 
+def quick_subset(config) -> bool:
+    """True when slow tests are deselected, as the README's quick command does."""
+    return "not slow" in " ".join((config.option.markexpr or "").split())
+
+
 @pytest.fixture(scope="session")
-def model_path():
-    """Path of a catalog model in the user's model store, pulled on first use and reused."""
+def model_path(request):
+    """Path of a catalog model in the user's model store, pulled on first use and reused.
+
+    The quick subset must need only the default model: asking for another one there fails the
+    test (mark it slow) instead of silently pulling hundreds of megabytes.
+    """
     from localllm.runtime.catalog import ensure_model
 
     cache = {}
+    quick = quick_subset(request.config)
 
     def get(name: str) -> Path:
+        if quick and name not in FAST_MODELS:
+            pytest.fail(f"{name} is not one of the quick subset's models {FAST_MODELS}: mark this test slow")
         if name not in cache:
             cache[name] = ensure_model(name)
         return cache[name]
@@ -41,3 +53,21 @@ def model_path():
 
 def load_reference(name: str) -> dict:
     return json.loads((REFERENCE / f"{name}.json").read_text())
+
+
+# A greedy token that llama.cpp chose by less than this many logits over the runner-up may go
+# the other way on another CPU, or here, where logits differ from llama.cpp's by up to ~0.3 at
+# the median: greedy sequences are compared only before the first such step.
+NEAR_TIE_MARGIN = 0.25
+# Tokens that must remain to compare, per model over all its cases, so a test cannot pass by
+# comparing nothing.
+MIN_COMPARED_TOKENS = 12
+
+
+def comparable_greedy(name: str, case: dict) -> list[int]:
+    """The reference's greedy tokens for `case` up to its first near-tie, by the margins that
+    tests/data/reference/greedy_margins.py recorded from llama.cpp."""
+    margins = json.loads((REFERENCE / f"{name}.greedy_margins.json").read_text())["cases"][case["name"]]["margins"]
+    assert len(margins) == len(case["greedy"])
+    end = next((i for i, margin in enumerate(margins) if margin < NEAR_TIE_MARGIN), len(margins))
+    return case["greedy"][:end]

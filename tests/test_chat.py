@@ -34,8 +34,8 @@ def reference_chat(name, style):
 
 @pytest.mark.parametrize("name, style", [
     pytest.param("smollm2-135m-instruct", "chatml", id="smollm2"),
-    pytest.param("qwen2.5-coder-0.5b-instruct", "chatml", id="qwen2.5-coder-0.5b"),
-    pytest.param("gemma-3-270m", "gemma", id="gemma3-fallback"),
+    pytest.param("qwen2.5-coder-0.5b-instruct", "chatml", id="qwen2.5-coder-0.5b", marks=pytest.mark.slow),
+    pytest.param("gemma-3-270m", "gemma", id="gemma3-fallback", marks=pytest.mark.slow),
 ])
 def test_template_renders_reference_chat(model_path, name, style):
     case, messages = reference_chat(name, style)

@@ -10,17 +10,23 @@ import sys
 import time
 
 import pytest
-from conftest import load_reference
+from conftest import comparable_greedy, load_reference
+from test_cli import is_progress
 
 from localllm.runtime.llm import LLM
 
 SMOLLM = "smollm2-135m-instruct"
 PROMPT = "The capital of France is"
+# Greedy decoding counts on for thousands of tokens: a generation that is still running when
+# the test interrupts it, whichever way near-ties fall.
+COUNTING = "1, 2, 3, 4, 5, 6, 7, 8,"
 
 
 def run_generate(*args, stdin: str | None = None, timeout: float = 300):
+    """`localllm generate` as plain completion (--raw) unless the arguments ask for --chat."""
+    mode = [] if "--chat" in args else ["--raw"]
     return subprocess.run(
-        [sys.executable, "-m", "localllm.runtime.cli", "generate", *args],
+        [sys.executable, "-m", "localllm.runtime.cli", "generate", *mode, *args],
         input=stdin,
         capture_output=True,
         text=True,
@@ -30,7 +36,7 @@ def run_generate(*args, stdin: str | None = None, timeout: float = 300):
 
 def assert_one_line_error(result, fragment: str):
     assert result.returncode == 2, result
-    lines = result.stderr.strip().splitlines()
+    lines = [line for line in result.stderr.strip().splitlines() if not is_progress(line)]
     assert len(lines) == 1, result.stderr
     assert lines[0].startswith("localllm: error: ")
     assert fragment in lines[0]
@@ -57,9 +63,11 @@ def test_streamed_greedy_text_equals_the_python_api(smollm):
     assert result.stdout == expected.text
 
 
-def test_first_8_tokens_equal_llama_cpp(greedy_json):
+def test_greedy_tokens_equal_llama_cpp_up_to_its_first_near_tie(greedy_json):
     case = next(c for c in load_reference(SMOLLM)["cases"] if c["text"] == PROMPT)
-    assert greedy_json["token_ids"][:8] == case["greedy"][:8]
+    expected = comparable_greedy(SMOLLM, case)
+    assert len(expected) >= 4
+    assert greedy_json["token_ids"][: len(expected)] == expected
 
 
 def test_json_output_parses_and_its_counts_add_up(smollm, greedy_json):
@@ -117,7 +125,7 @@ def test_corrupt_model_file(tmp_path):
 
 
 def test_negative_temperature():
-    assert_one_line_error(run_generate("-m", SMOLLM, "--temp", "-1", PROMPT), "temperature")
+    assert_one_line_error(run_generate("-m", SMOLLM, "--temp", "-1", PROMPT), "--temp must be >= 0")
 
 
 def test_prompt_longer_than_context():
@@ -127,7 +135,8 @@ def test_prompt_longer_than_context():
 
 def test_sigint_stops_generation_with_stats_and_exit_130():
     process = subprocess.Popen(
-        [sys.executable, "-m", "localllm.runtime.cli", "generate", "-m", SMOLLM, "-n", "0", "--temp", "0", PROMPT],
+        [sys.executable, "-m", "localllm.runtime.cli", "generate", "--raw", "-m", SMOLLM, "-n", "-1", "--temp", "0",
+         COUNTING],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
     )

@@ -210,7 +210,7 @@ def test_close_unmaps_the_file(synthetic):
     assert not mapped(path)
     assert metadata["t.ints"].tolist() == [1, -2, 3]
     with pytest.raises(GGUFError, match="closed"):
-        t.raw
+        _ = t.raw
     g.close()
 
 
@@ -340,6 +340,7 @@ print(json.dumps({"cpu": best_cpu, "wall": wall, "rss_growth": growth, "tensors"
 """
 
 
+@pytest.mark.slow
 def test_open_large_model_is_fast_and_reads_no_tensor_data(model_path):
     path = model_path("qwen2.5-coder-1.5b-instruct")
     out = subprocess.run([sys.executable, "-c", OPEN_PROBE, str(path)], capture_output=True, text=True, timeout=120)

@@ -1,8 +1,10 @@
 """Norms, RoPE, softmax and gated activations against float64 NumPy references, plus threads."""
 
+import os
 import subprocess
 import sys
 import threading
+import time
 
 import numba
 import numpy as np
@@ -312,7 +314,7 @@ def test_set_threads_rejects_bad_counts(bad):
 
 
 @pytest.mark.parametrize(
-    "value, expected", [("1", 1), (" 2 ", min(2, max_threads())), ("", max_threads())]
+    "value, expected", [("1", 1), (" 2 ", min(2, max_threads())), ("", "auto"), ("auto", "auto")]
 )
 def test_thread_count_from_environment(monkeypatch, value, expected):
     monkeypatch.setenv(THREADS_ENV_VAR, value)
@@ -334,3 +336,25 @@ def test_environment_thread_count_applies_on_import():
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "1"
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two cores: one to keep busy, one to keep")
+def test_auto_threads_give_up_the_cores_other_processes_keep_busy():
+    """Busy loops pinned to all our cores but one: auto mode must use at most that one core's
+    worth of threads (fewer if something else is busy too), never spin on the busy cores."""
+    from localllm.kernels.cpu import threads
+
+    cpus = sorted(os.sched_getaffinity(0))
+    busy = [
+        subprocess.Popen(["taskset", "-c", str(cpu), sys.executable, "-c", "while True: pass"])
+        for cpu in cpus[:-1]
+    ]
+    try:
+        free_cores = threads._FreeCores()
+        assert free_cores.count(max_threads(), current=7) == 7  # a first sample decides nothing
+        time.sleep(1.0)
+        assert free_cores.count(max_threads(), current=7) <= len(cpus) - len(busy)
+    finally:
+        for process in busy:
+            process.kill()
+            process.wait()

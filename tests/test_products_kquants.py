@@ -90,6 +90,7 @@ def first_rows(tensor, rows):
     return part, part.dequantize()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name, qtype", [
     ("blk.0.attn_output.weight", Q.Q4_K),
     ("blk.0.ffn_down.weight", Q.Q6_K),

@@ -358,13 +358,13 @@ def test_recent_token_outside_vocabulary_is_rejected():
 @pytest.mark.parametrize(
     "field, value, text",
     [
-        ("temperature", -1.0, "temperature must be >= 0, got -1.0"),
+        ("temperature", -1.0, "temperature must be >= 0, got -1"),
         ("top_p", 1.5, "top_p must be in [0, 1], got 1.5"),
         ("top_k", -3, "top_k must be >= 0, got -3"),
-        ("min_p", 2, "min_p must be in [0, 1], got 2.0"),
-        ("repeat_penalty", 0.0, "repeat_penalty must be > 0, got 0.0"),
+        ("min_p", 2, "min_p must be in [0, 1], got 2"),
+        ("repeat_penalty", 0.0, "repeat_penalty must be > 0, got 0"),
         ("presence_penalty", 2.5, "presence_penalty must be in [-2, 2], got 2.5"),
-        ("frequency_penalty", -3, "frequency_penalty must be in [-2, 2], got -3.0"),
+        ("frequency_penalty", -3, "frequency_penalty must be in [-2, 2], got -3"),
         ("penalty_last_n", -2, "penalty_last_n must be >= -1, got -2"),
         ("seed", -1, "seed must be >= 0, got -1"),
         ("temperature", float("nan"), "temperature must be a finite number >= 0, got nan"),

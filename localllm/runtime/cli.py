@@ -10,6 +10,7 @@ import argparse
 import contextlib
 import json
 import os
+import secrets
 import signal
 import sys
 import threading
@@ -22,12 +23,19 @@ from localllm.errors import InvalidParameterError, LocalLLMError
 
 EXIT_ERROR = 2
 EXIT_INTERRUPTED = 130
+EXIT_BROKEN_PIPE = 128 + signal.SIGPIPE
 
 
-def _console(stderr: bool = False):
+def _console(stderr: bool = False, **options):
     from rich.console import Console
 
-    return Console(stderr=stderr, highlight=False)
+    class PipeAwareConsole(Console):
+        # rich exits with status 1 when the reader of a pipe goes away; let main() end with
+        # SIGPIPE's status instead, as for every other write.
+        def on_broken_pipe(self) -> None:
+            raise BrokenPipeError
+
+    return PipeAwareConsole(stderr=stderr, highlight=False, **options)
 
 
 def _cmd_pull(args: argparse.Namespace) -> int:
@@ -52,6 +60,7 @@ def _cmd_list(args: argparse.Namespace) -> int:
     table = Table(title=f"models in {store_dir()}  (* = default)", box=box.SIMPLE_HEAD)
     table.add_column("name", no_wrap=True)
     table.add_column("arch", no_wrap=True)
+    table.add_column("kind", no_wrap=True)
     table.add_column("size", justify="right", no_wrap=True)
     table.add_column("present", no_wrap=True)
     table.add_column("file", overflow="fold")
@@ -60,11 +69,13 @@ def _cmd_list(args: argparse.Namespace) -> int:
         table.add_row(
             f"{entry.name}{' *' if entry.default else ''}",
             entry.architecture,
+            entry.kind,
             decimal(entry.bytes),
             "yes" if listing.present else "no",
             listing.path.name,
         )
-    _console().print(table)
+    # A pipe or file gets the full width; rich would otherwise fold the file names at 80 columns.
+    (_console() if sys.stdout.isatty() else _console(width=200)).print(table)
     return 0
 
 
@@ -76,10 +87,13 @@ def _cmd_rm(args: argparse.Namespace) -> int:
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
-    from localllm.runtime.catalog import ensure_model
+    from localllm.runtime.catalog import default_model, ensure_model, entry_for_path
     from localllm.runtime.info import model_info, render_info
 
-    info = model_info(ensure_model(args.model))
+    path = ensure_model(args.model or default_model())
+    info = model_info(path)
+    entry = entry_for_path(path)
+    info["kind"] = entry.kind if entry is not None else None
     if args.json:
         print(json.dumps(info, indent=2))
     else:
@@ -95,22 +109,79 @@ def _read_prompt(args: argparse.Namespace) -> str:
     return args.prompt
 
 
+# (flag, SamplingParams field) of each sampling flag, so that errors name the flag.
+_SAMPLING_FLAGS = (
+    ("--temp", "temperature"),
+    ("--top-k", "top_k"),
+    ("--top-p", "top_p"),
+    ("--min-p", "min_p"),
+    ("--repeat-penalty", "repeat_penalty"),
+    ("--seed", "seed"),
+)
+UNTIL_THE_END = -1
+RANDOM_SEED = -1
+
+
 def _generation_options(args: argparse.Namespace) -> dict:
-    options = {
-        "temperature": args.temp,
-        "top_k": args.top_k,
-        "top_p": args.top_p,
-        "min_p": args.min_p,
-        "repeat_penalty": args.repeat_penalty,
-        "seed": args.seed,
-    }
-    options = {name: value for name, value in options.items() if value is not None}
-    options["max_tokens"] = args.max_tokens if args.max_tokens > 0 else None
+    """The generation keyword arguments the flags ask for, each validated, before any model loads."""
+    from localllm.runtime.sampling import SamplingParams
+
+    if args.seed == RANDOM_SEED:
+        args.seed = secrets.randbits(32)
+    options = {}
+    for flag, name in _SAMPLING_FLAGS:
+        value = getattr(args, name if name != "temperature" else "temp")
+        if value is None:
+            continue
+        try:
+            SamplingParams(**{name: value})
+        except InvalidParameterError as error:
+            raise InvalidParameterError(f"{flag}{str(error).removeprefix(name)}") from None
+        options[name] = value
+    if args.max_tokens == UNTIL_THE_END:
+        options["max_tokens"] = None
+    elif args.max_tokens > 0:
+        options["max_tokens"] = args.max_tokens
+    else:
+        raise InvalidParameterError(
+            f"-n/--max-tokens must be a positive number of tokens, or -1 for until the reply or the "
+            f"context ends, got {args.max_tokens}"
+        )
     options["stop"] = args.stop or ()
+    if any(not stop for stop in options["stop"]):
+        raise InvalidParameterError("--stop needs a non-empty text")
     return options
 
 
-def _print_stats(completion, stream=sys.stderr) -> None:
+def _check_context_and_threads(args: argparse.Namespace) -> None:
+    from localllm.kernels.cpu.threads import max_threads
+
+    if args.ctx <= 0:
+        raise InvalidParameterError(f"--ctx must be a positive number of tokens, got {args.ctx}")
+    if args.threads != "auto" and not 1 <= args.threads <= max_threads():
+        raise InvalidParameterError(
+            f"--threads must be between 1 and {max_threads()} (this machine's thread pool), got {args.threads}"
+        )
+
+
+def _threads(text: str) -> int | str:
+    """--threads: a count, or `auto` to let the kernels follow the cores that are free."""
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number or auto, got {text!r}") from None
+
+
+def _warn_past_training_context(llm, n_ctx: int) -> None:
+    trained = llm.model.hparams.n_ctx_train
+    if n_ctx > trained:
+        print(f"localllm: warning: --ctx {n_ctx} exceeds the model's training context of {trained} tokens; "
+              "expect worse output past it", file=sys.stderr, flush=True)
+
+
+def _print_stats(completion, seed: int | None = None, stream=sys.stderr) -> None:
     import resource
 
     stats = completion.stats
@@ -128,10 +199,12 @@ def _print_stats(completion, stream=sys.stderr) -> None:
         f"stop reason:      {completion.stop_reason}",
         f"peak RSS:         {peak_rss_mib:.0f} MiB",
     ]
+    if seed is not None:
+        lines.append(f"seed:             {seed}")
     print("\n".join(lines), file=stream, flush=True)
 
 
-def _completion_json(completion) -> str:
+def _completion_json(completion, seed: int | None) -> str:
     stats = completion.stats
     timings = stats.as_dict()
     for count in ("prompt_tokens", "completion_tokens"):
@@ -143,6 +216,7 @@ def _completion_json(completion) -> str:
             "completion_tokens": stats.completion_tokens,
             "token_ids": completion.token_ids,
             "stop_reason": str(completion.stop_reason),
+            "seed": seed,
             "timings": timings,
         },
         ensure_ascii=False,
@@ -195,19 +269,23 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
     if args.chat and args.raw:
         raise InvalidParameterError("--chat and --raw cannot be combined")
-    if args.system is not None and not args.chat:
-        raise InvalidParameterError("--system needs --chat")
+    if args.system is not None and args.raw:
+        raise InvalidParameterError("--system needs the chat template; drop --raw")
+    _check_context_and_threads(args)
     cancel = threading.Event()
     options = {**_generation_options(args), "cancel": cancel}
     prompt = _read_prompt(args)
     with LLM(args.model or default_model(), n_ctx=args.ctx, threads=args.threads,
              compile_progress=_CompileNotice()) as llm, _interrupt_sets(cancel):
-        if args.chat:
+        _warn_past_training_context(llm, args.ctx)
+        # As mlx-lm's generate: a model with a chat template is asked in chat form unless --raw.
+        chat = args.chat or (not args.raw and llm.has_chat_template)
+        if chat:
             messages = [{"role": "system", "content": args.system}] if args.system is not None else []
             messages.append({"role": "user", "content": prompt})
             stream = llm.chat(messages, stream=True, **options)
         else:
-            stream = llm.stream(llm.tokenize(prompt, add_bos=not args.raw), **options)
+            stream = llm.stream(llm.tokenize(prompt, add_bos=not args.no_bos), **options)
         echo = not args.json
         try:
             for chunk in stream:
@@ -218,39 +296,43 @@ def _cmd_generate(args: argparse.Namespace) -> int:
             cancel.set()
         if cancel.is_set():
             stream.close()
-            if echo:
-                sys.stdout.write("\n")
-                sys.stdout.flush()
-            _print_stats(stream.completion)
-            return EXIT_INTERRUPTED
         completion = stream.completion
     if args.json:
-        print(_completion_json(completion), flush=True)
-    elif sys.stdout.isatty():
+        print(_completion_json(completion, args.seed), flush=True)
+    elif sys.stdout.isatty() or cancel.is_set():
         print(flush=True)
-    if args.verbose:
-        _print_stats(completion)
-    return 0
+    if args.verbose or cancel.is_set():
+        _print_stats(completion, seed=args.seed)
+    if not completion.text.strip() and completion.stop_reason != "cancelled":
+        reason = "eos" if not completion.token_ids else str(completion.stop_reason)
+        print(f"localllm: the model ended its reply at once (stop reason: {reason}); try "
+              f"{'--raw' if chat else '--chat'}", file=sys.stderr, flush=True)
+    return EXIT_INTERRUPTED if cancel.is_set() else 0
 
 
 def _args_generate(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("prompt", nargs="?", metavar="PROMPT", help="the prompt; `-` (or nothing) reads stdin")
     parser.add_argument("-m", "--model", help="catalog name or path to a .gguf file (default: the catalog default)")
-    parser.add_argument("-n", "--max-tokens", type=int, default=256, help="most tokens to generate; 0: until the context is full (default 256)")
+    parser.add_argument("-n", "--max-tokens", type=int, default=256,
+                        help="most tokens to generate; -1: until the reply or the context ends (default 256)")
     parser.add_argument("--temp", type=float, help="temperature; 0 is greedy (default 0.8)")
     parser.add_argument("--top-k", type=int, help="keep the k most likely tokens; 0 disables (default 40)")
     parser.add_argument("--top-p", type=float, help="nucleus sampling mass; 1 disables (default 0.95)")
     parser.add_argument("--min-p", type=float, help="drop tokens below min-p times the best one's probability (default 0.05)")
     parser.add_argument("--repeat-penalty", type=float, help="penalty for recently used tokens; 1 disables (default 1)")
-    parser.add_argument("--seed", type=int, help="random seed, for reproducible sampling")
+    parser.add_argument("--seed", type=int, help="random seed, for reproducible sampling; -1: a random one (shown by -v)")
     parser.add_argument("--stop", action="append", metavar="TEXT", help="stop before this text (repeatable)")
     parser.add_argument("--ctx", type=int, default=2048, help="context size in tokens (default 2048)")
-    parser.add_argument("--threads", type=int, help="compute threads (default: all cores)")
-    parser.add_argument("--chat", action="store_true", help="wrap the prompt as a user message in the model's chat template")
-    parser.add_argument("--system", help="system message (with --chat)")
-    parser.add_argument("--raw", action="store_true", help="no BOS token, no template: the prompt as is")
+    parser.add_argument("--threads", type=_threads, default="auto", metavar="N|auto",
+                        help="compute threads; auto (the default) uses the cores other programs leave free")
+    parser.add_argument("--chat", action="store_true",
+                        help="use the chat template even when the file has none (the architecture's built-in one)")
+    parser.add_argument("--system", help="system message of the chat")
+    parser.add_argument("--raw", action="store_true",
+                        help="plain completion: the prompt as is, no chat template (default when the model has none)")
+    parser.add_argument("--no-bos", action="store_true", help="with plain completion, do not add the BOS token")
     parser.add_argument("--json", action="store_true", help="print one JSON object at the end instead of streaming")
-    parser.add_argument("-v", "--verbose", action="store_true", help="timings and peak memory on stderr")
+    parser.add_argument("-v", "--verbose", action="store_true", help="timings, seed and peak memory on stderr")
 
 
 def _cmd_perplexity(args: argparse.Namespace) -> int:
@@ -258,6 +340,7 @@ def _cmd_perplexity(args: argparse.Namespace) -> int:
     from localllm.runtime.llm import LLM
     from localllm.runtime.perplexity import perplexity
 
+    _check_context_and_threads(args)
     try:
         text = Path(args.file).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as error:
@@ -276,12 +359,12 @@ def _args_perplexity(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("file", metavar="FILE", help="UTF-8 text file to score")
     parser.add_argument("-m", "--model", help="catalog name or path to a .gguf file (default: the catalog default)")
     parser.add_argument("--ctx", type=int, default=512, help="tokens per chunk (default 512)")
-    parser.add_argument("--threads", type=int, help="compute threads (default: all cores)")
+    parser.add_argument("--threads", type=_threads, default="auto", metavar="N|auto",
+                        help="compute threads; auto (the default) uses the cores other programs leave free")
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
     from rich import box
-    from rich.console import Console
     from rich.filesize import decimal
     from rich.table import Table
 
@@ -311,7 +394,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
                       f"{result.load_seconds:.2f}", f"{result.first_token_seconds:.2f}",
                       decimal(result.peak_rss_bytes), roofline)
     # Ten columns do not fit 80 characters; a pipe or file gets the full width instead of wrapping.
-    wide = _console() if sys.stdout.isatty() else Console(highlight=False, width=200)
+    wide = _console() if sys.stdout.isatty() else _console(width=200)
     wide.print(table)
     if args.verbose:
         for result in results:
@@ -348,7 +431,8 @@ def _args_rm(parser: argparse.ArgumentParser) -> None:
 
 
 def _args_info(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("model", metavar="MODEL", help="catalog name or path to a .gguf file")
+    parser.add_argument("model", metavar="MODEL", nargs="?",
+                        help="catalog name or path to a .gguf file (default: the catalog default)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
 
 
@@ -370,14 +454,25 @@ _SUBCOMMANDS: list[
 ]
 
 
+class _OneLineErrors(argparse.ArgumentParser):
+    """Usage errors as one line, like every other error, pointing at --help for the details."""
+
+    def error(self, message: str):
+        print(f"localllm: error: {' '.join(message.split())} (see `{self.prog} --help`)", file=sys.stderr)
+        sys.exit(EXIT_ERROR)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    from localllm import __version__
+
+    parser = _OneLineErrors(
         prog="localllm", description="Local LLM inference from GGUF files."
     )
+    parser.add_argument("--version", action="version", version=f"localllm {__version__}")
     debug_help = "show full tracebacks for errors"
     parser.add_argument("--debug", action="store_true", help=debug_help)
     # Also accepted after the subcommand; SUPPRESS keeps the subparser from resetting it.
-    common = argparse.ArgumentParser(add_help=False)
+    common = _OneLineErrors(add_help=False)
     common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=debug_help)
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, help_text, add_arguments, handler in _SUBCOMMANDS:
@@ -389,24 +484,40 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _one_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split())
+    if isinstance(exc, OSError) and exc.strerror:
+        where = f": {exc.filename}" if exc.filename else ""
+        text = f"{exc.strerror}{where}"
+    elif isinstance(exc, MemoryError):
+        text = f"out of memory ({exc})" if str(exc) else "out of memory"
+    else:
+        text = str(exc)
+    text = " ".join(text.split())
     return text or type(exc).__name__
+
+
+def _quiet_broken_pipe() -> int:
+    """The reader of stdout went away (`| head`): end quietly with SIGPIPE's status, as Unix
+    tools do. stdout is pointed at /dev/null so the interpreter's final flush cannot fail too."""
+    with contextlib.suppress(OSError):
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    return EXIT_BROKEN_PIPE
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return args.handler(args)
+        status = args.handler(args)
+        sys.stdout.flush()
+        return status
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
-    except LocalLLMError as exc:
+    except BrokenPipeError:
+        return _quiet_broken_pipe()
+    except (LocalLLMError, OSError, MemoryError) as exc:
         if args.debug:
             traceback.print_exc()
-        print(f"localllm: error: {_one_line(exc)}", file=sys.stderr)
-        return EXIT_ERROR
-    except BrokenPipeError:
-        # The reader (`| head`) went away; point stdout at devnull so the exit flush is silent.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        with contextlib.suppress(OSError):
+            print(f"localllm: error: {_one_line(exc)}", file=sys.stderr, flush=True)
         return EXIT_ERROR
 
 

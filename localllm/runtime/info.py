@@ -117,6 +117,7 @@ def render_info(info: dict[str, Any], console) -> None:
         ("vocabulary size", shown(info["vocab_size"])),
         ("tokenizer", f"{shown(info['tokenizer_model'])} (pre: {shown(info['tokenizer_pre'])})"),
         ("chat template", "yes" if info["chat_template"] else "no"),
+        ("kind", info["kind"] or "not a catalog model (a chat template suggests instruct)"),
         ("KV cache per token", "-" if info["kv_cache_bytes_per_token"] is None
             else f"{info['kv_cache_bytes_per_token']:,} bytes (float32)"),
         ("file size", f"{decimal(info['file_bytes'])} ({info['file_bytes']:,} bytes)"),

@@ -36,7 +36,7 @@ class LLM:
     seconds, on the first run on a machine).
     """
 
-    def __init__(self, model: str | os.PathLike, n_ctx: int | None = None, threads: int | None = None,
+    def __init__(self, model: str | os.PathLike, n_ctx: int | None = None, threads: int | str | None = None,
                  quantize_activations: bool = True,
                  compile_progress: Callable[[str, int, int], None] | None = None):
         started = time.perf_counter()
@@ -84,6 +84,11 @@ class LLM:
         with self._lock:
             self.reset()
             return self.model.forward(ids, self.cache, all_logits=True)
+
+    @property
+    def has_chat_template(self) -> bool:
+        """Whether the file carries its own chat template (instruct models usually do)."""
+        return "tokenizer.chat_template" in self.gguf.metadata
 
     @cached_property
     def chat_template(self) -> ChatTemplate:

@@ -44,7 +44,8 @@ def _require_real(name: str, value, low: float, high: float, allowed: str, low_i
         raise InvalidParameterError(f"{name} must be a finite number {allowed}, got {value}")
     above_low = value >= low if low_inclusive else value > low
     if not (above_low and value <= high):
-        raise InvalidParameterError(f"{name} must be {allowed}, got {value}")
+        shown = int(value) if value.is_integer() else value
+        raise InvalidParameterError(f"{name} must be {allowed}, got {shown}")
     return value
 
 

@@ -46,11 +46,17 @@ from numba.extending import intrinsic
 from localllm.kernels.cpu.activations import codes_of
 from localllm.kernels.cpu.pointers import data_pointer, stack_pointer
 
-# Numba targets the host CPU unless told otherwise (NUMBA_CPU_NAME / NUMBA_CPU_FEATURES, e.g.
-# for a portable cache); the AVX2 intrinsics only exist on an AVX2 target, and _halves uses F16C.
-_HOST_FEATURES = llvm_binding.get_host_cpu_features().flatten().split(",")
-AVAILABLE = (config.CPU_NAME is None and config.CPU_FEATURES is None
-             and "+avx2" in _HOST_FEATURES and "+f16c" in _HOST_FEATURES)
+# Numba targets the host CPU unless told otherwise: NUMBA_CPU_FEATURES (with NUMBA_CPU_NAME, e.g.
+# a generic AVX2 target for a portable cache, or to test the AVX2 path on an AVX-512 host)
+# replaces the host's features. The AVX2 intrinsics only exist on an AVX2 target, and _halves
+# uses F16C; a CPU name given without its features leaves the target unknown, so float kernels.
+if config.CPU_FEATURES is not None:
+    _TARGET_FEATURES = config.CPU_FEATURES.split(",")
+elif config.CPU_NAME is None:
+    _TARGET_FEATURES = llvm_binding.get_host_cpu_features().flatten().split(",")
+else:
+    _TARGET_FEATURES = []
+AVAILABLE = "+avx2" in _TARGET_FEATURES and "+f16c" in _TARGET_FEATURES
 
 # _halves emits inline assembly, which LLVM parses only with the host's assembly parser.
 llvm_binding.initialize_native_asmparser()
