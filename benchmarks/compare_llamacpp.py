@@ -70,8 +70,7 @@ class _LlamaCpp:
     def __init__(self, path: str, threads: int, n_ctx: int):
         from llama_cpp import Llama
 
-        self.llm = Llama(path, n_ctx=n_ctx, n_batch=512, n_threads=threads, n_threads_batch=threads,
-                         verbose=False)
+        self.llm = Llama(path, n_ctx=n_ctx, n_batch=512, n_threads=threads, n_threads_batch=threads, verbose=False)
         self.bos = self.llm.token_bos()
 
     def _last_logits(self):
@@ -124,7 +123,9 @@ class Worker:
         self.engine = engine
         self.process = subprocess.Popen(
             [python, os.path.abspath(__file__), "--worker", engine, path, str(threads), str(n_ctx)],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
         )
         self.hello = self._read()
 
@@ -160,8 +161,10 @@ def compare(path: str, args, python_for_llamacpp: str) -> list[str]:
         greedy_prompt = tokenizer.encode(GREEDY_PROMPT, add_special=True)
     n_ctx = max(args.n_prompt, args.n_gen + 1, len(greedy_prompt) + GREEDY_TOKENS) + 8
     prompt = np.random.default_rng(0).integers(0, n_vocab, size=args.n_prompt).tolist()
-    workers = [Worker(sys.executable, "ours", path, args.threads, n_ctx),
-               Worker(python_for_llamacpp, "llama.cpp", path, args.threads, n_ctx)]
+    workers = [
+        Worker(sys.executable, "ours", path, args.threads, n_ctx),
+        Worker(python_for_llamacpp, "llama.cpp", path, args.threads, n_ctx),
+    ]
     try:
         start = [workers[0].hello["bos"] if workers[0].hello["bos"] is not None else 0]
         tests = []
@@ -189,21 +192,28 @@ def compare(path: str, args, python_for_llamacpp: str) -> list[str]:
     for test, _, _ in tests:
         ours, ours_sd = _speed(speeds[("ours", test)])
         theirs, theirs_sd = _speed(speeds[("llama.cpp", test)])
-        lines.append(f"{name:<42} {test:>6} {ours:>9.2f} ± {ours_sd:<6.2f} {theirs:>9.2f} ± {theirs_sd:<6.2f} "
-                     f"{ours / theirs:>6.2f}x")
-    lines.append(f"{'':<42} {'load':>6} {workers[0].hello['load_seconds']:>9.2f} s        "
-                 f"{workers[1].hello['load_seconds']:>9.2f} s")
+        lines.append(
+            f"{name:<42} {test:>6} {ours:>9.2f} ± {ours_sd:<6.2f} {theirs:>9.2f} ± {theirs_sd:<6.2f} "
+            f"{ours / theirs:>6.2f}x"
+        )
+    lines.append(
+        f"{'':<42} {'load':>6} {workers[0].hello['load_seconds']:>9.2f} s        "
+        f"{workers[1].hello['load_seconds']:>9.2f} s"
+    )
     lines.append(f"{'':<42} {'RSS':>6} {rss[0] / 2**20:>9.0f} MiB      {rss[1] / 2**20:>9.0f} MiB")
     same = greedy[0] == greedy[1]
-    lines.append(f"{'':<42} first {GREEDY_TOKENS} greedy tokens "
-                 + ("equal" if same else f"DIFFER: ours {greedy[0]} llama.cpp {greedy[1]}"))
+    lines.append(
+        f"{'':<42} first {GREEDY_TOKENS} greedy tokens "
+        + ("equal" if same else f"DIFFER: ours {greedy[0]} llama.cpp {greedy[1]}")
+    )
     return lines
 
 
 def llama_cpp_version(python: str) -> str | None:
     """llama-cpp-python's version in `python`, or None (after saying how to install it)."""
-    probe = subprocess.run([python, "-c", "import llama_cpp; print(llama_cpp.__version__)"],
-                           capture_output=True, text=True)
+    probe = subprocess.run(
+        [python, "-c", "import llama_cpp; print(llama_cpp.__version__)"], capture_output=True, text=True
+    )
     if probe.returncode != 0:
         print(INSTALL_HINT.format(python=python))
         return None
@@ -223,8 +233,11 @@ def main() -> int:
     parser.add_argument("-n", "--n-gen", type=int, default=64)
     parser.add_argument("-r", "--repetitions", type=int, default=3)
     parser.add_argument("--threads", type=int, default=os.cpu_count())
-    parser.add_argument("--llama-python", default=sys.executable,
-                        help="Python interpreter that has llama-cpp-python (default: this one)")
+    parser.add_argument(
+        "--llama-python",
+        default=sys.executable,
+        help="Python interpreter that has llama-cpp-python (default: this one)",
+    )
     args = parser.parse_args()
 
     version = llama_cpp_version(args.llama_python)
@@ -234,8 +247,7 @@ def main() -> int:
     from localllm.runtime.catalog import catalog, ensure_model
 
     paths = [str(ensure_model(name)) for name in (args.models or catalog())]
-    print(f"llama-cpp-python {version}, {args.threads} threads, {args.repetitions} repetitions, "
-          f"alternating A/B")
+    print(f"llama-cpp-python {version}, {args.threads} threads, {args.repetitions} repetitions, alternating A/B")
     print(f"{'model':<42} {'test':>6} {'ours t/s':>18} {'llama.cpp t/s':>18} {'ratio':>7}")
     for path in paths:
         for line in compare(path, args, args.llama_python):

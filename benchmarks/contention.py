@@ -62,8 +62,10 @@ def measure(path: str, args) -> list[str]:
     with open_gguf(path) as gguf:
         bos = Tokenizer.from_gguf(gguf).bos_id
     n_ctx = args.n_gen + 16
-    workers = [Worker(sys.executable, "ours", path, args.ours_threads, n_ctx),
-               Worker(args.llama_python, "llama.cpp", path, args.llama_threads, n_ctx)]
+    workers = [
+        Worker(sys.executable, "ours", path, args.ours_threads, n_ctx),
+        Worker(args.llama_python, "llama.cpp", path, args.llama_threads, n_ctx),
+    ]
     request = dict(op="tg", start=[bos if bos is not None else 0], n=args.n_gen)
     conditions = [("idle", None)] + [(f"core {cpu} busy", cpu) for cpu in sorted(os.sched_getaffinity(0))]
     speeds = {}
@@ -86,21 +88,32 @@ def measure(path: str, args) -> list[str]:
     for label, _ in conditions:
         ours, ours_sd = _mean_sd(speeds[(label, "ours")])
         theirs, theirs_sd = _mean_sd(speeds[(label, "llama.cpp")])
-        lines.append(f"{name:<42} {label:<12} {ours:>8.2f} ± {ours_sd:<6.2f} {theirs:>8.2f} ± {theirs_sd:<6.2f} "
-                     f"{ours / theirs:>6.2f}x {ours / idle:>6.2f}x")
+        lines.append(
+            f"{name:<42} {label:<12} {ours:>8.2f} ± {ours_sd:<6.2f} {theirs:>8.2f} ± {theirs_sd:<6.2f} "
+            f"{ours / theirs:>6.2f}x {ours / idle:>6.2f}x"
+        )
     return lines
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("models", nargs="*", help=f"catalog names or .gguf paths (default: {', '.join(DEFAULT_MODELS)})")
+    parser.add_argument(
+        "models", nargs="*", help=f"catalog names or .gguf paths (default: {', '.join(DEFAULT_MODELS)})"
+    )
     parser.add_argument("-n", "--n-gen", type=int, default=64)
     parser.add_argument("-r", "--repetitions", type=int, default=3)
     parser.add_argument("--ours-threads", default="auto", help="localllm's --threads (default auto)")
-    parser.add_argument("--llama-threads", type=int, default=len(os.sched_getaffinity(0)),
-                        help="llama.cpp's thread count (default: all our cores, as llama-bench)")
-    parser.add_argument("--llama-python", default=sys.executable,
-                        help="Python interpreter that has llama-cpp-python (default: this one)")
+    parser.add_argument(
+        "--llama-threads",
+        type=int,
+        default=len(os.sched_getaffinity(0)),
+        help="llama.cpp's thread count (default: all our cores, as llama-bench)",
+    )
+    parser.add_argument(
+        "--llama-python",
+        default=sys.executable,
+        help="Python interpreter that has llama-cpp-python (default: this one)",
+    )
     args = parser.parse_args()
     version = llama_cpp_version(args.llama_python)
     if version is None:
@@ -110,8 +123,10 @@ def main() -> int:
 
     paths = [str(ensure_model(name)) for name in (args.models or DEFAULT_MODELS)]
     cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?")
-    print(f"{cpu}, {len(os.sched_getaffinity(0))} cores; tg{args.n_gen}, {args.repetitions} repetitions; "
-          f"threads: ours {args.ours_threads}, llama.cpp {args.llama_threads} (llama-cpp-python {version})")
+    print(
+        f"{cpu}, {len(os.sched_getaffinity(0))} cores; tg{args.n_gen}, {args.repetitions} repetitions; "
+        f"threads: ours {args.ours_threads}, llama.cpp {args.llama_threads} (llama-cpp-python {version})"
+    )
     print(f"{'model':<42} {'load':<12} {'ours t/s':>17} {'llama.cpp t/s':>17} {'ratio':>7} {'/idle':>7}")
     for path in paths:
         for line in measure(path, args):

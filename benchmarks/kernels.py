@@ -7,8 +7,9 @@ integer kernel where there is one, as for matmul) on the qwen2.5-coder-1.5b shap
 to the measured read bandwidth. Each shape cycles through as many random matrices as fill a 1 GB
 pool, as a decode step goes through a whole model: with a working set of a few times the L3
 cache, part of it stays cached from one pass to the next, and a kernel "reads" faster than the
-memory can deliver (Q8_0 at 1.1x the streaming sum with 128 MB); matmul GFLOP/s (2*rows*cols*n / s), with the dequantize-to-BLAS
-alternative for comparison; and the cold and warm compile time of the whole kernel set.
+memory can deliver (Q8_0 at 1.1x the streaming sum with 128 MB); matmul GFLOP/s
+(2*rows*cols*n / s), with the dequantize-to-BLAS alternative for comparison; and the cold and
+warm compile time of the whole kernel set.
 Numbers on a shared machine are indicative only.
 """
 
@@ -52,7 +53,7 @@ def set_scales(qtype: GGMLQuantizationType, blocks: np.ndarray, rng: np.random.G
     table of random ones repeated (drawing one per block of a 1 GB pool would take seconds)."""
     for field in LAYOUTS[qtype].scale_fields:
         table = rng.uniform(0.001, 0.05, size=SCALE_TABLE).astype(np.float16).view(np.uint8).reshape(-1, 2)
-        blocks[:, field.offset:field.offset + 2] = np.resize(table, (blocks.shape[0], 2))
+        blocks[:, field.offset : field.offset + 2] = np.resize(table, (blocks.shape[0], 2))
 
 
 def random_raw(qtype: GGMLQuantizationType, rows: int, cols: int, rng: np.random.Generator) -> np.ndarray:
@@ -70,15 +71,16 @@ def random_raw(qtype: GGMLQuantizationType, rows: int, cols: int, rng: np.random
     return blocks.reshape(rows, -1)
 
 
-def pool_matrices(pool: np.ndarray, qtype: GGMLQuantizationType, rows: int, cols: int,
-                  rng: np.random.Generator) -> list[np.ndarray]:
+def pool_matrices(
+    pool: np.ndarray, qtype: GGMLQuantizationType, rows: int, cols: int, rng: np.random.Generator
+) -> list[np.ndarray]:
     """As many read-only rows x cols `qtype` matrices as fit in `pool` (random bytes), one after
     another; at least two, the second a fresh array when one matrix fills the pool."""
     block_size, type_size = GGML_QUANT_SIZES[qtype]
     nbytes = rows * cols // block_size * type_size
     matrices = []
     for start in range(0, pool.nbytes - nbytes + 1, nbytes):
-        matrix = pool[start:start + nbytes].reshape(rows, -1)
+        matrix = pool[start : start + nbytes].reshape(rows, -1)
         if qtype in (GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizationType.BF16):
             matrix[:] = random_raw(qtype, rows, cols, rng)
         else:
@@ -137,8 +139,8 @@ def blas_matmul(dequantize_rows, raw, X, out):
     for start in range(0, rows, BLAS_TILE_ROWS):
         stop = min(rows, start + BLAS_TILE_ROWS)
         ids = np.arange(start, stop, dtype=np.int64)
-        dequantize_rows(raw, ids, tile[:stop - start])
-        np.matmul(X, tile[:stop - start].T, out=out[:, start:stop])
+        dequantize_rows(raw, ids, tile[: stop - start])
+        np.matmul(X, tile[: stop - start].T, out=out[:, start:stop])
 
 
 def bench_matmul(qtype, shapes, batches, quick, rng):
@@ -204,8 +206,9 @@ def main(argv=None) -> None:
     console.print(f"read bandwidth: {bandwidth:.1f} GB/s")
 
     for qtype in formats:
-        rounded_product(qtype, 1)(random_raw(qtype, 2, 256, rng), np.zeros((1, 256), np.float32),
-                                  np.empty((1, 2), np.float32))
+        rounded_product(qtype, 1)(
+            random_raw(qtype, 2, 256, rng), np.zeros((1, 256), np.float32), np.empty((1, 2), np.float32)
+        )
 
     pool = rng.integers(0, 256, size=WORKING_SET, dtype=np.uint8)
     table = Table(title=f"matvec: weight GB/s (ratio to read bandwidth), {pool.nbytes >> 20} MB of weights per shape")

@@ -46,16 +46,18 @@ def bench_elementwise(rng) -> None:
         q = rng.standard_normal((n, HEADS, HEAD_DIM), dtype=np.float32)
         positions = np.arange(30000, 30000 + n, dtype=np.int32)
         t = best_seconds(lambda: rope(q, positions, n_rot=HEAD_DIM, base=1e6, neox=True))
-        report(f"rope n={n} heads={HEADS} head_dim={HEAD_DIM}", t,
-               f"{n * HEADS / t / 1e6:6.2f} M head-vectors/s")
+        report(f"rope n={n} heads={HEADS} head_dim={HEAD_DIM}", t, f"{n * HEADS / t / 1e6:6.2f} M head-vectors/s")
 
         gate = rng.standard_normal((n, FFN), dtype=np.float32)
         up = rng.standard_normal((n, FFN), dtype=np.float32)
         out = np.empty_like(gate)
         for op in (swiglu, geglu):
             t = best_seconds(lambda: op(gate, up, out=out))
-            report(f"{op.__name__} n={n} f={FFN}", t,
-                   f"{3 * gate.nbytes / t / 1e9:6.2f} GB/s moved, {gate.size / t / 1e9:5.2f} G/s")
+            report(
+                f"{op.__name__} n={n} f={FFN}",
+                t,
+                f"{3 * gate.nbytes / t / 1e9:6.2f} GB/s moved, {gate.size / t / 1e9:5.2f} G/s",
+            )
 
     for shape in ((1, VOCAB), (512, 512)):
         x = rng.standard_normal(shape, dtype=np.float32) * 5
@@ -70,8 +72,10 @@ def bench_decode(rng, cache: int, bandwidth: float) -> None:
     layer_bytes = 2 * cache * KV_HEADS * HEAD_DIM * 4
     n_layers = max(2, -(-DECODE_WORKING_SET // layer_bytes))
     layers = [
-        (rng.standard_normal((cache, KV_HEADS, HEAD_DIM), dtype=np.float32),
-         rng.standard_normal((cache, KV_HEADS, HEAD_DIM), dtype=np.float32))
+        (
+            rng.standard_normal((cache, KV_HEADS, HEAD_DIM), dtype=np.float32),
+            rng.standard_normal((cache, KV_HEADS, HEAD_DIM), dtype=np.float32),
+        )
         for _ in range(n_layers)
     ]
     k_pos = np.arange(cache, dtype=np.int32)
@@ -85,9 +89,11 @@ def bench_decode(rng, cache: int, bandwidth: float) -> None:
 
     t = best_seconds(all_layers) / n_layers
     kv_rate = layer_bytes / t / 1e9
-    report(f"decode attention S={cache} H={HEADS} KV={KV_HEADS} D={HEAD_DIM}", t,
-           f"{kv_rate:6.2f} GB/s of K/V = {kv_rate / bandwidth:5.2f} x read bandwidth "
-           f"({n_layers} layers' caches in turn)")
+    report(
+        f"decode attention S={cache} H={HEADS} KV={KV_HEADS} D={HEAD_DIM}",
+        t,
+        f"{kv_rate:6.2f} GB/s of K/V = {kv_rate / bandwidth:5.2f} x read bandwidth ({n_layers} layers' caches in turn)",
+    )
 
 
 def bench_prefill(rng, n: int) -> None:
@@ -96,12 +102,10 @@ def bench_prefill(rng, n: int) -> None:
     q = rng.standard_normal((n, HEADS, HEAD_DIM), dtype=np.float32)
     positions = np.arange(n, dtype=np.int32)
     out = np.empty_like(q)
-    t = best_seconds(lambda: attention(q, k, v, positions, positions, scale=HEAD_DIM**-0.5,
-                                       out=out), min_repeats=3)
+    t = best_seconds(lambda: attention(q, k, v, positions, positions, scale=HEAD_DIM**-0.5, out=out), min_repeats=3)
     # q.k and p.v: 2 flops per multiply-add each, over the n(n+1)/2 visible (query, key) pairs.
     flops = 4 * HEAD_DIM * HEADS * n * (n + 1) / 2
-    report(f"prefill attention n={n} (causal, H={HEADS} KV={KV_HEADS})", t,
-           f"{flops / t / 1e9:6.2f} GFLOP/s")
+    report(f"prefill attention n={n} (causal, H={HEADS} KV={KV_HEADS})", t, f"{flops / t / 1e9:6.2f} GFLOP/s")
 
 
 def main() -> None:

@@ -1,6 +1,7 @@
 """localllm: local LLM inference from GGUF files."""
 
 from localllm.errors import (
+    CancelledError,
     ContextOverflowError,
     GGUFError,
     InvalidParameterError,
@@ -8,7 +9,9 @@ from localllm.errors import (
     LocalLLMError,
     ModelError,
     ModelNotFoundError,
+    OutOfMemoryError,
     PullError,
+    SessionFileError,
     TemplateError,
     TokenizerError,
 )
@@ -22,9 +25,15 @@ def __getattr__(name: str):
         from localllm.runtime.llm import LLM
 
         return LLM
+    if name == "Session":
+        from localllm.runtime.session import Session
+
+        return Session
     raise AttributeError(f"module 'localllm' has no attribute {name!r}")
 
+
 __all__ = [
+    "CancelledError",
     "ContextOverflowError",
     "GGUFError",
     "InvalidParameterError",
@@ -33,7 +42,10 @@ __all__ = [
     "LocalLLMError",
     "ModelError",
     "ModelNotFoundError",
+    "OutOfMemoryError",
     "PullError",
+    "Session",
+    "SessionFileError",
     "TemplateError",
     "TokenizerError",
     "__version__",

@@ -42,3 +42,15 @@ class InvalidParameterError(LocalLLMError):
 
 class ContextOverflowError(LocalLLMError):
     """A prompt does not fit in the context window."""
+
+
+class OutOfMemoryError(LocalLLMError):
+    """Something would not fit in the memory that is available (a KV cache for a huge n_ctx)."""
+
+
+class CancelledError(LocalLLMError):
+    """A long computation (a prompt's prefill) was stopped through its cancel event."""
+
+
+class SessionFileError(LocalLLMError):
+    """A saved session cannot be loaded: truncated, another format version, or another model."""

@@ -18,10 +18,7 @@ FAST_MODELS = ["smollm2-135m-instruct"]
 
 def model_params(names=CATALOG_MODELS):
     """Parametrize over catalog models, marking all but the smallest as slow."""
-    return [
-        pytest.param(name, marks=() if name in FAST_MODELS else pytest.mark.slow, id=name)
-        for name in names
-    ]
+    return [pytest.param(name, marks=() if name in FAST_MODELS else pytest.mark.slow, id=name) for name in names]
 
 
 def quick_subset(config) -> bool:

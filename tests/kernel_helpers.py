@@ -51,8 +51,9 @@ def block_size(qtype: GGMLQuantizationType) -> int:
     return GGML_QUANT_SIZES[qtype][0]
 
 
-def random_weight(qtype: GGMLQuantizationType, rows: int, blocks_per_row: int,
-                  seed: int = 0, scale: float = 0.05) -> RawWeight:
+def random_weight(
+    qtype: GGMLQuantizationType, rows: int, blocks_per_row: int, seed: int = 0, scale: float = 0.05
+) -> RawWeight:
     """A (rows, blocks_per_row * block_size) weight of random blocks of `qtype`."""
     rng = np.random.default_rng(seed)
     elements_per_block, bytes_per_block = GGML_QUANT_SIZES[qtype]
@@ -70,7 +71,7 @@ def random_weight(qtype: GGMLQuantizationType, rows: int, blocks_per_row: int,
     for offset in F16_FIELDS[qtype]:
         halves = rng.uniform(scale / 20, scale, size=rows * blocks_per_row)
         halves *= rng.choice([-1.0, 1.0], size=halves.shape)
-        blocks[:, offset:offset + 2] = halves.astype(np.float16).view(np.uint8).reshape(-1, 2)
+        blocks[:, offset : offset + 2] = halves.astype(np.float16).view(np.uint8).reshape(-1, 2)
     raw = blocks.reshape(rows, blocks_per_row * bytes_per_block)
     return RawWeight(qtype, raw, (rows, cols))
 

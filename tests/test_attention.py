@@ -179,6 +179,62 @@ def test_random_shapes_and_masks(n, n_kv_heads, group, n_keys, head_dim, window,
     assert error <= REL * max(np.max(np.abs(reference)), 1.0)
 
 
+@pytest.mark.parametrize("n", [1, 9, 70])
+def test_float16_cache_matches_reference_on_its_values(n):
+    """f16 keys/values are read as the f16 values they hold (the reference widens them too).
+    int32 positions, as the runtime's cache keeps them (warm_up_ops compiles that variant)."""
+    rng = np.random.default_rng(n + 16)
+    k, v, k_pos = make_cache(rng, 600, 2, 64, position_dtype=np.int32)
+    k16, v16 = k.astype(np.float16), v.astype(np.float16)
+    q = rng.standard_normal((n, 6, 64)).astype(np.float32)
+    q_pos = np.sort(k_pos)[-n:]
+    got = attention(q, k16, v16, q_pos, k_pos, scale=0.125, window=300)
+    assert_close(got, attention_reference(q, k16.astype(np.float32), v16.astype(np.float32), q_pos, k_pos, 0.125, 300))
+
+
+def sink_reference(q, q_sink, k, v, q_pos, k_pos, scale, window, n_sink):
+    """Scores of the first n_sink slots from q_sink without the window, the rest from q with it."""
+    group = q.shape[1] // k.shape[1]
+    k64 = np.repeat(k.astype(np.float64), group, axis=1)
+    v64 = np.repeat(v.astype(np.float64), group, axis=1)
+    scores = np.einsum("nhd,shd->nhs", q.astype(np.float64), k64) * scale
+    sink_scores = np.einsum("nhd,shd->nhs", q_sink.astype(np.float64), k64) * scale
+    is_sink = np.arange(len(k_pos)) < n_sink
+    scores = np.where(is_sink[None, None, :], sink_scores, scores)
+    qp, kp = q_pos.astype(np.int64)[:, None], k_pos.astype(np.int64)[None, :]
+    visible = (kp <= qp) & (is_sink[None, :] | (qp - kp < window))
+    scores = np.where(visible[:, None, :], scores, -np.inf)
+    weights = np.exp(scores - scores.max(axis=2, keepdims=True))
+    weights /= weights.sum(axis=2, keepdims=True)
+    return np.einsum("nhs,shd->nhd", weights, v64)
+
+
+@pytest.mark.parametrize("kv_dtype", [np.float32, np.float16])
+@pytest.mark.parametrize("n, n_sink, window", [(1, 4, 1024), (1, 1, 7), (40, 4, 64), (300, 8, 200)])
+def test_sink_slots_use_their_own_queries_and_skip_the_window(kv_dtype, n, n_sink, window):
+    """A streaming cache: sinks at slots 0..n_sink-1 (positions 0..), then the latest window."""
+    rng = np.random.default_rng(n * 7 + n_sink + window)
+    n_kv_heads, head_dim, recent = 2, 32, window + n + 150
+    k_pos = np.concatenate([np.arange(n_sink), np.arange(5000, 5000 + recent)]).astype(np.int32)
+    k = rng.standard_normal((len(k_pos), n_kv_heads, head_dim)).astype(kv_dtype)
+    v = rng.standard_normal((len(k_pos), n_kv_heads, head_dim)).astype(kv_dtype)
+    q = rng.standard_normal((n, 3 * n_kv_heads, head_dim)).astype(np.float32)
+    q_sink = rng.standard_normal(q.shape).astype(np.float32)
+    q_pos = k_pos[-n:].copy()
+    got = attention(q, k, v, q_pos, k_pos, scale=0.2, window=window, q_sink=q_sink, n_sink=n_sink)
+    expected = sink_reference(q, q_sink, k.astype(np.float32), v.astype(np.float32), q_pos, k_pos, 0.2, window, n_sink)
+    assert_close(got, expected)
+
+
+def test_without_sinks_q_sink_is_ignored():
+    rng = np.random.default_rng(12)
+    k, v, k_pos = make_cache(rng, 300, 1, 16)
+    q = rng.standard_normal((2, 2, 16)).astype(np.float32)
+    q_pos = np.sort(k_pos)[-2:]
+    plain = attention(q, k, v, q_pos, k_pos, scale=0.3)
+    assert np.array_equal(attention(q, k, v, q_pos, k_pos, scale=0.3, q_sink=-q, n_sink=0), plain)
+
+
 Q = np.zeros((2, 4, 8), dtype=np.float32)
 K = np.zeros((5, 2, 8), dtype=np.float32)
 QP = np.arange(2, dtype=np.int64)
@@ -188,22 +244,28 @@ KP = np.arange(5, dtype=np.int64)
 @pytest.mark.parametrize(
     "call, message",
     [
-        (lambda: attention(Q, np.zeros((5, 3, 8), np.float32), np.zeros((5, 3, 8), np.float32),
-                           QP, KP, scale=1.0), "multiple of kv heads"),
-        (lambda: attention(Q, K, np.zeros((5, 2, 4), np.float32), QP, KP, scale=1.0),
-         "same shape"),
-        (lambda: attention(Q, np.zeros((5, 2, 4), np.float32), np.zeros((5, 2, 4), np.float32),
-                           QP, KP, scale=1.0), "head_dim"),
+        (
+            lambda: attention(Q, np.zeros((5, 3, 8), np.float32), np.zeros((5, 3, 8), np.float32), QP, KP, scale=1.0),
+            "multiple of kv heads",
+        ),
+        (lambda: attention(Q, K, np.zeros((5, 2, 4), np.float32), QP, KP, scale=1.0), "same shape"),
+        (
+            lambda: attention(Q, np.zeros((5, 2, 4), np.float32), np.zeros((5, 2, 4), np.float32), QP, KP, scale=1.0),
+            "head_dim",
+        ),
         (lambda: attention(Q, K, K, QP, KP[:4], scale=1.0), "k_pos"),
         (lambda: attention(Q, K, K, QP[:1], KP, scale=1.0), "q_pos"),
         (lambda: attention(Q, K, K, QP.astype(np.float32), KP, scale=1.0), "int32 or int64"),
         (lambda: attention(Q.astype(np.float64), K, K, QP, KP, scale=1.0), "float32"),
         (lambda: attention(Q, K, K, QP, KP, scale=float("inf")), "scale"),
         (lambda: attention(Q, K, K, QP, KP, scale=1.0, window=-1), "window"),
-        (lambda: attention(Q, K, K, QP, KP, scale=1.0, out=np.zeros((2, 4, 9), np.float32)),
-         "out must have shape"),
+        (lambda: attention(Q, K, K, QP, KP, scale=1.0, out=np.zeros((2, 4, 9), np.float32)), "out must have shape"),
         (lambda: attention(Q, K, K, QP, KP, scale=1.0, out=Q), "overlap"),
         (lambda: attention(Q[:, ::2], K, K, QP, KP, scale=1.0), "C-contiguous"),
+        (lambda: attention(Q, K, K.astype(np.float16), QP, KP, scale=1.0), "same dtype"),
+        (lambda: attention(Q, K, K, QP, KP, scale=1.0, n_sink=2), "needs q_sink"),
+        (lambda: attention(Q, K, K, QP, KP, scale=1.0, q_sink=Q, n_sink=6), "n_sink"),
+        (lambda: attention(Q, K, K, QP, KP, scale=1.0, q_sink=Q[:1], n_sink=1), "q_sink must have"),
     ],
 )
 def test_bad_arguments_raise_kernel_error(call, message):

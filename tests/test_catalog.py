@@ -10,9 +10,10 @@ from pathlib import Path
 import platformdirs
 import pytest
 
-from conftest import CATALOG_MODELS
 from localllm import ModelNotFoundError, PullError
 from localllm.runtime import catalog
+
+from conftest import CATALOG_MODELS
 
 SMOLLM = "smollm2-135m-instruct"
 
@@ -99,9 +100,7 @@ def test_present_model_is_verified_once_then_trusted(home, no_registry, smollm_f
     assert [m.name for m in catalog.list_models() if m.present] == [SMOLLM]
 
 
-def test_corrupted_store_file_is_not_trusted_and_gets_replaced(
-    home, smollm_file, smollm_wheel_dir, monkeypatch
-):
+def test_corrupted_store_file_is_not_trusted_and_gets_replaced(home, smollm_file, smollm_wheel_dir, monkeypatch):
     entry = catalog.lookup(SMOLLM)
     target = place_copy(smollm_file, home)
     assert catalog.is_valid(entry)

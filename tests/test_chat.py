@@ -7,13 +7,14 @@ import re
 import time
 
 import pytest
-from conftest import load_reference
 
 from localllm.errors import TemplateError
 from localllm.formats import chat
 from localllm.formats.chat import ChatTemplate, render_chat
 from localllm.formats.gguf import open_gguf
 from localllm.formats.tokenizer import Tokenizer
+
+from conftest import load_reference
 
 TURN_PATTERNS = {
     "chatml": re.compile(r"<\|im_start\|>(\w+)\n(.*?)<\|im_end\|>\n", re.S),
@@ -32,11 +33,14 @@ def reference_chat(name, style):
     return case, messages
 
 
-@pytest.mark.parametrize("name, style", [
-    pytest.param("smollm2-135m-instruct", "chatml", id="smollm2"),
-    pytest.param("qwen2.5-coder-0.5b-instruct", "chatml", id="qwen2.5-coder-0.5b", marks=pytest.mark.slow),
-    pytest.param("gemma-3-270m", "gemma", id="gemma3-fallback", marks=pytest.mark.slow),
-])
+@pytest.mark.parametrize(
+    "name, style",
+    [
+        pytest.param("smollm2-135m-instruct", "chatml", id="smollm2"),
+        pytest.param("qwen2.5-coder-0.5b-instruct", "chatml", id="qwen2.5-coder-0.5b", marks=pytest.mark.slow),
+        pytest.param("gemma-3-270m", "gemma", id="gemma3-fallback", marks=pytest.mark.slow),
+    ],
+)
 def test_template_renders_reference_chat(model_path, name, style):
     case, messages = reference_chat(name, style)
     with open_gguf(model_path(name)) as g:
@@ -78,7 +82,10 @@ def test_hugging_face_globals_and_filters():
         "|{{ strftime_now('%Y') }}|{% generation %}{{ messages[0].content }}{% endgeneration %}"
         "|{% for m in range(5) %}{% if m == 2 %}{% break %}{% endif %}{{ m }}{% endfor %}",
         [{"role": "user", "content": "hi"}],
-        tools=[value], value=value, bos_token="<s>", eos_token="</s>",
+        tools=[value],
+        value=value,
+        bos_token="<s>",
+        eos_token="</s>",
     )
     tools_json, value_json, special, year, generation, loop = text.split("|")
     assert tools_json == json.dumps([value], ensure_ascii=False)
@@ -117,7 +124,9 @@ HOSTILE = {
     "endless_output": "{% for i in range(100000) %}{% for j in range(100000) %}{{ j }}{% endfor %}{% endfor %}",
     "gigabyte_string": "{{ 'x' * 10**9 }}",
     "huge_power": "{{ 10 ** (10 ** 10) }}",
-    "doubling_concat": "{% set ns = namespace(s='x') %}{% for i in range(64) %}{% set ns.s = ns.s ~ ns.s %}{% endfor %}",
+    "doubling_concat": (
+        "{% set ns = namespace(s='x') %}{% for i in range(64) %}{% set ns.s = ns.s ~ ns.s %}{% endfor %}"
+    ),
     "doubling_plus": "{% set ns = namespace(s='x') %}{% for i in range(64) %}{% set ns.s = ns.s + ns.s %}{% endfor %}",
     "wide_center": "{{ 'x' | center(10**9) }}",
     "wide_format": "{{ '{:>999999999}'.format('x') }}",

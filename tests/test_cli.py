@@ -13,8 +13,9 @@ from pathlib import Path
 import gguf
 import pytest
 
-from conftest import CATALOG_MODELS, model_params
 from localllm.runtime.catalog import lookup, pull
+
+from conftest import CATALOG_MODELS, model_params
 
 SMOLLM = "smollm2-135m-instruct"
 

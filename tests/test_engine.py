@@ -5,13 +5,14 @@ import threading
 import numpy as np
 import pytest
 
-from conftest import comparable_greedy, load_reference
 from localllm.errors import ContextOverflowError, InvalidParameterError
 from localllm.formats.gguf import open_gguf
 from localllm.formats.tokenizer import Tokenizer
 from localllm.kernels.cpu.products import INTEGER_PRODUCTS
 from localllm.runtime.engine import Chunk, Generation, GenerationLock, GenerationRequest
 from localllm.runtime.models import load_model
+
+from conftest import comparable_greedy, load_reference
 
 SMOLLM = "smollm2-135m-instruct"
 PROMPT = "The capital of France is"
@@ -27,7 +28,12 @@ class Runner:
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else prompt
         request = GenerationRequest.from_kwargs(options)
         return Generation(
-            self.model, self.tokenizer, ids, request, n_ctx=n_ctx, new_cache=lambda: self.model.new_cache(n_ctx),
+            self.model,
+            self.tokenizer,
+            ids,
+            request,
+            n_ctx=n_ctx,
+            prepare_cache=lambda prompt: (self.model.new_cache(n_ctx), 0),
             lock=lock,
         )
 
@@ -127,7 +133,7 @@ def test_prompt_longer_than_context_raises_with_both_numbers(runner):
 def test_cancel_event_ends_with_cancelled(runner):
     cancel = threading.Event()
     generation = runner.generation(temperature=0, max_tokens=50, cancel=cancel)
-    for n, chunk in enumerate(generation, 1):
+    for n, _ in enumerate(generation, 1):
         if n == 2:
             cancel.set()
     assert generation.completion.stop_reason == "cancelled"

@@ -10,10 +10,11 @@ import sys
 import time
 
 import pytest
-from conftest import comparable_greedy, load_reference
-from test_cli import is_progress
 
 from localllm.runtime.llm import LLM
+
+from conftest import comparable_greedy, load_reference
+from test_cli import is_progress
 
 SMOLLM = "smollm2-135m-instruct"
 PROMPT = "The capital of France is"
@@ -135,8 +136,20 @@ def test_prompt_longer_than_context():
 
 def test_sigint_stops_generation_with_stats_and_exit_130():
     process = subprocess.Popen(
-        [sys.executable, "-m", "localllm.runtime.cli", "generate", "--raw", "-m", SMOLLM, "-n", "-1", "--temp", "0",
-         COUNTING],
+        [
+            sys.executable,
+            "-m",
+            "localllm.runtime.cli",
+            "generate",
+            "--raw",
+            "-m",
+            SMOLLM,
+            "-n",
+            "-1",
+            "--temp",
+            "0",
+            COUNTING,
+        ],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
     )

@@ -6,12 +6,13 @@ import sys
 import gguf
 import numpy as np
 import pytest
-from conftest import model_params
 from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType, GGUFWriter
 
 from localllm import GGUFError
 from localllm.formats import quants
 from localllm.formats.gguf import open_gguf
+
+from conftest import model_params
 
 SYNTHETIC_ALIGNMENT = 64
 SYNTHETIC_STRINGS = ["", "plain", "h\u00e9llo \u4e16\u754c", "nul\x00inside", "\u0120tok"]
@@ -232,6 +233,7 @@ def test_missing_tensor_is_named(synthetic):
 
 
 # ---------------------------------------------------------------- error messages
+
 
 def field_offsets(path) -> dict:
     """Byte offsets of some header fields of `path`, found with gguf-py's reader."""

@@ -4,6 +4,11 @@ activation codes they consume."""
 import numpy as np
 import pytest
 from gguf import GGML_QUANT_SIZES
+
+from localllm.formats.gguf import open_gguf
+from localllm.kernels.cpu import KERNELS, integer, matvec
+from localllm.kernels.cpu.activations import activation_codes, quantize_activations
+
 from kernel_helpers import (
     Q,
     llama_activations,
@@ -13,10 +18,6 @@ from kernel_helpers import (
     reference_product,
     relative_error,
 )
-
-from localllm.formats.gguf import open_gguf
-from localllm.kernels.cpu import KERNELS, integer, matvec
-from localllm.kernels.cpu.activations import activation_codes, quantize_activations
 
 FORMATS = sorted(integer.KERNELS, key=lambda q: q.value)
 needs_avx2 = pytest.mark.skipif(not integer.AVAILABLE, reason="integer matvec needs an AVX2 target")
@@ -108,8 +109,9 @@ def test_matvec_takes_the_integer_kernel_and_agrees_with_the_float_one(model_pat
 
 @needs_avx2
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["blk.0.ffn_up.weight", "blk.0.ffn_down.weight", "blk.0.attn_v.weight",
-                                  "blk.11.ffn_down.weight"])
+@pytest.mark.parametrize(
+    "name", ["blk.0.ffn_up.weight", "blk.0.ffn_down.weight", "blk.0.attn_v.weight", "blk.11.ffn_down.weight"]
+)
 def test_qwen_tensors(model_path, name):
     """One tensor of each integer format (Q5_0, Q6_K, Q8_0, Q4_K) of a real model."""
     tensor = open_gguf(model_path("qwen2.5-coder-0.5b-instruct")).tensor(name)

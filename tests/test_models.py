@@ -2,13 +2,14 @@
 
 import numpy as np
 import pytest
-from conftest import MIN_COMPARED_TOKENS, comparable_greedy, load_reference, model_params
 from gguf import GGUFWriter
 
 from localllm import ModelError
 from localllm.formats.gguf import open_gguf
 from localllm.runtime.llm import LLM
 from localllm.runtime.models import load_model
+
+from conftest import MIN_COMPARED_TOKENS, comparable_greedy, load_reference, model_params
 
 LONG_CASE = "long_gpl3"
 

@@ -104,8 +104,7 @@ def rope_reference(x, positions, n_rot, base, freq_scale, neox):
 @pytest.mark.parametrize("neox", [False, True], ids=["normal", "neox"])
 @pytest.mark.parametrize(
     "n_rot, head_dim, base, freq_scale",
-    [(64, 64, 10000.0, 1.0), (128, 128, 1000000.0, 1.0), (32, 64, 10000.0, 0.25),
-     (256, 256, 10000.0, 0.125)],
+    [(64, 64, 10000.0, 1.0), (128, 128, 1000000.0, 1.0), (32, 64, 10000.0, 0.25), (256, 256, 10000.0, 0.125)],
 )
 @pytest.mark.parametrize("position_dtype", [np.int32, np.int64])
 def test_rope_matches_reference_up_to_32k(neox, n_rot, head_dim, base, freq_scale, position_dtype):
@@ -163,8 +162,7 @@ def test_softmax_is_stable_and_handles_masked_rows():
     x = np.array([[1000.0, 999.0, -np.inf], [-np.inf, -np.inf, -np.inf]], dtype=np.float32)
     got = softmax(x, out=x)
     assert got is x
-    np.testing.assert_allclose(got[0], [1 / (1 + np.exp(-1)), np.exp(-1) / (1 + np.exp(-1)), 0],
-                               rtol=REL)
+    np.testing.assert_allclose(got[0], [1 / (1 + np.exp(-1)), np.exp(-1) / (1 + np.exp(-1)), 0], rtol=REL)
     assert np.array_equal(got[1], np.zeros(3, dtype=np.float32))
 
 
@@ -244,11 +242,9 @@ POS = np.arange(2, dtype=np.int32)
         (lambda: rms_norm(F32, np.ones(7, np.float32), 1e-5), "weight has 7"),
         (lambda: rms_norm(np.zeros(8, np.float32), None, 1e-5), "2-D or 3-D"),
         (lambda: rms_norm(F32, None, float("nan")), "eps"),
-        (lambda: rms_norm(F32, None, 1e-5, out=np.zeros((2, 9), np.float32)),
-         "out must have shape"),
+        (lambda: rms_norm(F32, None, 1e-5, out=np.zeros((2, 9), np.float32)), "out must have shape"),
         (lambda: rms_norm([[1.0]], None, 1e-5), "numpy array"),
-        (lambda: rope(X3, np.arange(3, dtype=np.int32), n_rot=8, base=1e4, neox=False),
-         "positions"),
+        (lambda: rope(X3, np.arange(3, dtype=np.int32), n_rot=8, base=1e4, neox=False), "positions"),
         (lambda: rope(X3, np.arange(2.0), n_rot=8, base=1e4, neox=False), "int32 or int64"),
         (lambda: rope(X3, POS, n_rot=7, base=1e4, neox=False), "n_rot"),
         (lambda: rope(X3, POS, n_rot=10, base=1e4, neox=False), "n_rot"),
@@ -313,9 +309,7 @@ def test_set_threads_rejects_bad_counts(bad):
         set_threads(bad)
 
 
-@pytest.mark.parametrize(
-    "value, expected", [("1", 1), (" 2 ", min(2, max_threads())), ("", "auto"), ("auto", "auto")]
-)
+@pytest.mark.parametrize("value, expected", [("1", 1), (" 2 ", min(2, max_threads())), ("", "auto"), ("auto", "auto")])
 def test_thread_count_from_environment(monkeypatch, value, expected):
     monkeypatch.setenv(THREADS_ENV_VAR, value)
     assert threads_from_environment() == expected
@@ -331,7 +325,10 @@ def test_bad_thread_count_in_environment_is_named(monkeypatch, value):
 def test_environment_thread_count_applies_on_import():
     script = "from localllm.kernels.cpu.threads import get_threads; print(get_threads())"
     result = subprocess.run(
-        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=120,
         env={"LOCALLLM_THREADS": "1", "PATH": "/usr/bin:/bin"},
     )
     assert result.returncode == 0, result.stderr
@@ -346,8 +343,7 @@ def test_auto_threads_give_up_the_cores_other_processes_keep_busy():
 
     cpus = sorted(os.sched_getaffinity(0))
     busy = [
-        subprocess.Popen(["taskset", "-c", str(cpu), sys.executable, "-c", "while True: pass"])
-        for cpu in cpus[:-1]
+        subprocess.Popen(["taskset", "-c", str(cpu), sys.executable, "-c", "while True: pass"]) for cpu in cpus[:-1]
     ]
     try:
         free_cores = threads._FreeCores()

@@ -4,11 +4,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import model_params
 
 from localllm import InvalidParameterError
 from localllm.runtime.llm import LLM
 from localllm.runtime.perplexity import perplexity
+
+from conftest import model_params
 
 GPL3 = Path("/usr/share/common-licenses/GPL-3")
 # llama.cpp's perplexity tool on GPL-3 with --ctx-size 512.

@@ -7,21 +7,22 @@ import sys
 
 import numpy as np
 import pytest
-from kernel_helpers import (
-    Q,
-    RawWeight,
-    block_size,
-    llama_activations,
-    random_activations,
-    product_errors,
-    random_weight,
-)
 
 from localllm import KernelError
 from localllm.formats.gguf import open_gguf
 from localllm.kernels.cpu import KERNELS, CheckedWeight, embed, get_threads, matmul, matvec, set_threads, warm_up
 from localllm.kernels.cpu.activations import quantize_activations
 from localllm.kernels.cpu.threads import max_threads
+
+from kernel_helpers import (
+    Q,
+    RawWeight,
+    block_size,
+    llama_activations,
+    product_errors,
+    random_activations,
+    random_weight,
+)
 
 # Products are exact up to float32 rounding, both on float32 activations and on activations
 # rounded to 8 bits (compared with the same rounding done in NumPy).
@@ -130,10 +131,13 @@ def test_smollm2_tensors(model_path, name):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("model, names", [
-    ("gemma-3-270m", ["blk.0.attn_k.weight", "token_embd.weight"]),
-    ("qwen2.5-coder-0.5b-instruct", ["token_embd.weight", "output.weight"]),
-])
+@pytest.mark.parametrize(
+    "model, names",
+    [
+        ("gemma-3-270m", ["blk.0.attn_k.weight", "token_embd.weight"]),
+        ("qwen2.5-coder-0.5b-instruct", ["token_embd.weight", "output.weight"]),
+    ],
+)
 def test_larger_model_tensors(model_path, model, names):
     g = open_gguf(model_path(model))
     for name in names:
@@ -164,8 +168,7 @@ def test_products_do_not_depend_on_the_thread_count(qtype):
 @pytest.mark.slow
 def test_warm_up_reports_progress():
     seen = []
-    warm_up(types=[Q.Q4_0, Q.F16], progress=lambda label, done, total: seen.append((label, done, total)),
-            processes=1)
+    warm_up(types=[Q.Q4_0, Q.F16], progress=lambda label, done, total: seen.append((label, done, total)), processes=1)
     assert [done for _, done, _ in seen] == [0, 1, 2]
     assert all(total == 3 for _, _, total in seen)
 
@@ -183,8 +186,9 @@ print(json.dumps(seen))
 @pytest.mark.slow
 def test_parallel_warm_up_compiles_in_two_processes_into_one_cache(tmp_path):
     env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path))
-    result = subprocess.run([sys.executable, "-c", PARALLEL_WARM_UP], env=env, capture_output=True, text=True,
-                            check=True, timeout=600)
+    result = subprocess.run(
+        [sys.executable, "-c", PARALLEL_WARM_UP], env=env, capture_output=True, text=True, check=True, timeout=600
+    )
     seen = json.loads(result.stdout.splitlines()[-1])
     labels = [label for label, _, _ in seen]
     assert labels[0] == "activation rounding" and "other kernels and ops (second process)" in labels, labels
@@ -193,8 +197,13 @@ def test_parallel_warm_up_compiles_in_two_processes_into_one_cache(tmp_path):
     # The second process left the float kernels (both embedding lookups) and the ops in the
     # shared cache; this process compiled the integer products.
     cached = {path.name.split("-")[0] for path in tmp_path.rglob("*.nbi")}
-    expected = {"legacy.dequantize_rows_q4_0", "kquants.dequantize_rows_tq1_0", "integer.products_q4_0",
-                "integer.products_tq1_0", "attention._attention_kernel"}
+    expected = {
+        "legacy.dequantize_rows_q4_0",
+        "kquants.dequantize_rows_tq1_0",
+        "integer.products_q4_0",
+        "integer.products_tq1_0",
+        "attention._attention_kernel",
+    }
     assert expected <= cached, expected - cached
 
 

@@ -3,6 +3,11 @@
 import numpy as np
 import pytest
 from gguf.quants import quantize as reference_quantize
+
+from localllm.formats import quants
+from localllm.formats.gguf import open_gguf
+from localllm.kernels.cpu import KERNELS, embed
+
 from kernel_helpers import (
     F16_FIELDS,
     Q,
@@ -11,10 +16,6 @@ from kernel_helpers import (
     random_activations,
     random_weight,
 )
-
-from localllm.formats import quants
-from localllm.formats.gguf import open_gguf
-from localllm.kernels.cpu import KERNELS, embed
 
 # Products are exact up to float32 rounding, both on float32 activations and on activations
 # rounded to 8 bits (compared with the same rounding done in NumPy).
@@ -68,7 +69,7 @@ def test_embed_keeps_subnormal_and_extreme_scales(qtype):
     halves = [np.float16(6e-8), np.float16(-65504.0), np.float16(0.0), np.float16(-1e-5)]
     for k, half in enumerate(halves):
         for offset in F16_FIELDS[qtype]:
-            blocks[:, k, offset:offset + 2] = np.array([half], dtype=np.float16).view(np.uint8)
+            blocks[:, k, offset : offset + 2] = np.array([half], dtype=np.float16).view(np.uint8)
     np.testing.assert_array_equal(embed(weight, np.arange(4)), weight.dequantize())
 
 
@@ -91,10 +92,13 @@ def first_rows(tensor, rows):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name, qtype", [
-    ("blk.0.attn_output.weight", Q.Q4_K),
-    ("blk.0.ffn_down.weight", Q.Q6_K),
-])
+@pytest.mark.parametrize(
+    "name, qtype",
+    [
+        ("blk.0.attn_output.weight", Q.Q4_K),
+        ("blk.0.ffn_down.weight", Q.Q6_K),
+    ],
+)
 def test_gemma_tensors(model_path, name, qtype):
     with open_gguf(model_path("gemma-3-270m")) as g:
         tensor = g.tensor(name)
@@ -106,11 +110,22 @@ def test_gemma_tensors(model_path, name, qtype):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("model, names", [
-    ("qwen2.5-coder-0.5b-instruct", ["blk.0.ffn_down.weight", "blk.11.ffn_down.weight"]),
-    ("qwen2.5-coder-1.5b-instruct", ["blk.0.ffn_gate.weight", "blk.0.ffn_down.weight",
-                                     "blk.0.attn_k.weight", "output.weight", "token_embd.weight"]),
-])
+@pytest.mark.parametrize(
+    "model, names",
+    [
+        ("qwen2.5-coder-0.5b-instruct", ["blk.0.ffn_down.weight", "blk.11.ffn_down.weight"]),
+        (
+            "qwen2.5-coder-1.5b-instruct",
+            [
+                "blk.0.ffn_gate.weight",
+                "blk.0.ffn_down.weight",
+                "blk.0.attn_k.weight",
+                "output.weight",
+                "token_embd.weight",
+            ],
+        ),
+    ],
+)
 def test_qwen_tensors(model_path, model, names):
     with open_gguf(model_path(model)) as g:
         for name in names:

@@ -1,13 +1,14 @@
 import gguf
 import numpy as np
 import pytest
-from conftest import model_params
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from test_gguf import random_blocks
 
 from localllm import GGUFError
 from localllm.formats import quants
 from localllm.formats.gguf import open_gguf
+
+from conftest import model_params
 
 ALL_TYPES = [
     "F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0",
@@ -58,7 +59,9 @@ def test_non_finite_scales_propagate_like_ggml(name):
     layout = quants.LAYOUTS[qtype]
     raw = random_blocks(np.random.default_rng(1), qtype, 8)
     d = layout.field("d")
-    raw[:4, d.offset : d.offset + 2] = np.array([np.inf, -np.inf, np.nan, 65504], np.float16).view(np.uint8).reshape(4, 2)
+    raw[:4, d.offset : d.offset + 2] = (
+        np.array([np.inf, -np.inf, np.nan, 65504], np.float16).view(np.uint8).reshape(4, 2)
+    )
     with np.errstate(all="raise"):
         values = quants.dequantize(raw, qtype, (8, layout.block_size))
     with np.errstate(all="ignore"):

@@ -3,7 +3,6 @@
 import logging
 
 import pytest
-from conftest import CATALOG_MODELS, FAST_MODELS, REFERENCE, load_reference
 from gguf import GGUFWriter
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -11,6 +10,8 @@ from hypothesis import strategies as st
 from localllm.errors import TokenizerError
 from localllm.formats.gguf import open_gguf
 from localllm.formats.tokenizer import Tokenizer
+
+from conftest import CATALOG_MODELS, FAST_MODELS, REFERENCE, load_reference
 
 # Loading a tokenizer reads only metadata, so even the 1.5B model's is quick.
 # The ternary reference files were made from the 1.5B model and share its tokenizer.
@@ -29,8 +30,10 @@ KINDS = ["gemma-3-270m", "smollm2-135m-instruct", "qwen2.5-coder-0.5b-instruct"]
 
 def by_model(names):
     """Parameters over reference names; those whose model the quick subset lacks are slow."""
-    return [pytest.param(name, id=name, marks=() if REFERENCE_MODELS.get(name, name) in FAST_MODELS
-                         else pytest.mark.slow) for name in names]
+    return [
+        pytest.param(name, id=name, marks=() if REFERENCE_MODELS.get(name, name) in FAST_MODELS else pytest.mark.slow)
+        for name in names
+    ]
 
 
 # Tests that load several tokenizers at once need the larger models' files.
@@ -118,15 +121,19 @@ EXAMPLE_COUNTS = [pytest.param(100, id="100"), pytest.param(1000, id="1000", mar
 
 
 @pytest.mark.parametrize("examples", EXAMPLE_COUNTS)
-@pytest.mark.parametrize("names", [
-    pytest.param(FAST_MODELS, id="quick-models"),
-    pytest.param(KINDS, id="all-kinds", marks=needs_larger_models),
-])
+@pytest.mark.parametrize(
+    "names",
+    [
+        pytest.param(FAST_MODELS, id="quick-models"),
+        pytest.param(KINDS, id="all-kinds", marks=needs_larger_models),
+    ],
+)
 def test_random_printable_strings_round_trip(tokenizers, names, examples):
     kinds = [tokenizers(name) for name in names]
 
-    @settings(max_examples=examples, derandomize=True, deadline=None, database=None,
-              suppress_health_check=list(HealthCheck))
+    @settings(
+        max_examples=examples, derandomize=True, deadline=None, database=None, suppress_health_check=list(HealthCheck)
+    )
     @given(st.text(alphabet=PRINTABLE, max_size=40))
     def round_trip(text):
         for tok in kinds:
@@ -168,11 +175,14 @@ def test_bos_follows_metadata(tokenizers):
     assert smollm.encode("hi") == smollm.encode("hi", add_special=False)
 
 
-@pytest.mark.parametrize("name, marker", [
-    ("smollm2-135m-instruct", "<|im_start|>"),
-    pytest.param("qwen2.5-coder-0.5b-instruct", "<|im_start|>", marks=needs_larger_models),
-    pytest.param("gemma-3-270m", "<start_of_turn>", marks=needs_larger_models),
-])
+@pytest.mark.parametrize(
+    "name, marker",
+    [
+        ("smollm2-135m-instruct", "<|im_start|>"),
+        pytest.param("qwen2.5-coder-0.5b-instruct", "<|im_start|>", marks=needs_larger_models),
+        pytest.param("gemma-3-270m", "<start_of_turn>", marks=needs_larger_models),
+    ],
+)
 def test_parse_special_controls_special_tokens(tokenizers, name, marker):
     tok = tokenizers(name)
     marker_id = tok._token_to_id[marker]
@@ -226,6 +236,7 @@ def test_token_text_and_bad_ids(tokenizers):
 
 # ---- streaming ------------------------------------------------------------------------------
 
+
 def assert_streams_like_decode(tok, ids):
     decoder = tok.stream_decoder()
     chunks = [decoder.push(i) for i in ids] + [decoder.flush()]
@@ -252,8 +263,13 @@ def test_streaming_holds_back_split_characters(tokenizers, name):
 def test_streaming_random_ids_concatenate_to_decode(tokenizers, name, examples):
     tok = tokenizers(name)
 
-    @settings(max_examples=examples // 2, derandomize=True, deadline=None, database=None,
-              suppress_health_check=list(HealthCheck))
+    @settings(
+        max_examples=examples // 2,
+        derandomize=True,
+        deadline=None,
+        database=None,
+        suppress_health_check=list(HealthCheck),
+    )
     @given(st.lists(st.integers(0, tok.vocab_size - 1), max_size=30))
     def stream(ids):
         assert_streams_like_decode(tok, ids)
@@ -264,6 +280,7 @@ def test_streaming_random_ids_concatenate_to_decode(tokenizers, name, examples):
 
 
 # ---- metadata errors ------------------------------------------------------------------------
+
 
 def test_missing_tokenizer_metadata_names_the_key(tmp_path):
     path = tmp_path / "no-tokenizer.gguf"

@@ -289,7 +289,8 @@ def render_chat(
             _warned_fallback.add(architecture)
             logger.warning(
                 "no chat template in the model file; using the built-in %s template for architecture %r",
-                "Gemma" if architecture in _GEMMA_ARCHITECTURES else "ChatML", architecture,
+                "Gemma" if architecture in _GEMMA_ARCHITECTURES else "ChatML",
+                architecture,
             )
         template = fallback_template(architecture)
     if not isinstance(template, str):
@@ -319,7 +320,9 @@ def render_chat(
 class ChatTemplate:
     """A GGUF file's chat template together with the special tokens it refers to."""
 
-    def __init__(self, template: str | None, *, bos_token: str = "", eos_token: str = "", architecture: str | None = None):
+    def __init__(
+        self, template: str | None, *, bos_token: str = "", eos_token: str = "", architecture: str | None = None
+    ):
         self.template = template
         self.bos_token = bos_token
         self.eos_token = eos_token

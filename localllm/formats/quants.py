@@ -367,8 +367,7 @@ def dequantize(raw: np.ndarray, qtype: GGMLQuantizationType, shape: tuple[int, .
     n_blocks = math.prod(shape) // layout.block_size
     if raw.size != n_blocks * layout.type_size:
         raise GGUFError(
-            f"{qtype.name} tensor of shape {shape} needs {n_blocks * layout.type_size} bytes, "
-            f"got {raw.size}"
+            f"{qtype.name} tensor of shape {shape} needs {n_blocks * layout.type_size} bytes, got {raw.size}"
         )
     flat = np.ascontiguousarray(raw).reshape(-1)
     # Garbage scales in hostile files legitimately produce inf/NaN, as they do in ggml.

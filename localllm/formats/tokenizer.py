@@ -109,18 +109,37 @@ _IGNORE_MERGES_PRES = frozenset({"llama3", "llama-v3", "llama-bpe"})
 # Token texts llama.cpp recognises as end-of-generation (llama_vocab::impl::load), on top of
 # the ids the metadata names; each is forced to be a control token.
 _EOT_TEXTS = (
-    "<|eot_id|>", "<|im_end|>", "<|end|>", "<end_of_turn>", "<|endoftext|>", "<|end_of_text|>",
-    "<EOT>", "_<EOT>", "<｜end▁of▁sentence｜>", "<end_of_utterance>",
+    "<|eot_id|>",
+    "<|im_end|>",
+    "<|end|>",
+    "<end_of_turn>",
+    "<|endoftext|>",
+    "<|end_of_text|>",
+    "<EOT>",
+    "_<EOT>",
+    "<｜end▁of▁sentence｜>",
+    "<end_of_utterance>",
 )
-_EOG_TEXTS = frozenset({
-    "<|eot_id|>", "<|im_end|>", "<|end|>", "<|return|>", "<|call|>", "<end_of_turn>",
-    "<|endoftext|>", "<|eom_id|>", "<EOT>", "_<EOT>", "<|end_of_text|>", "<end_of_utterance>",
-})
+_EOG_TEXTS = frozenset(
+    {
+        "<|eot_id|>",
+        "<|im_end|>",
+        "<|end|>",
+        "<|return|>",
+        "<|call|>",
+        "<end_of_turn>",
+        "<|endoftext|>",
+        "<|eom_id|>",
+        "<EOT>",
+        "_<EOT>",
+        "<|end_of_text|>",
+        "<end_of_utterance>",
+    }
+)
 # Fill-in-the-middle pad / repository / file-separator tokens also end generation in llama.cpp.
 _FIM_EOG_TEXTS = (
     ("tokenizer.ggml.fim_pad_token_id", ("<|fim_pad|>", "<fim-pad>", "<fim_pad>", "<PAD>")),
-    ("tokenizer.ggml.fim_rep_token_id",
-     ("<|fim_repo|>", "<|repo_name|>", "<fim-repo>", "<REPO>", "<reponame>")),
+    ("tokenizer.ggml.fim_rep_token_id", ("<|fim_repo|>", "<|repo_name|>", "<fim-repo>", "<REPO>", "<reponame>")),
     ("tokenizer.ggml.fim_sep_token_id", ("<|file_sep|>",)),
 )
 
@@ -183,9 +202,7 @@ class Tokenizer:
         if model is None:
             raise TokenizerError(f"GGUF metadata has no tokenizer: missing key {_KEY_MODEL!r}")
         if model not in ("llama", "gpt2"):
-            raise TokenizerError(
-                f"unsupported tokenizer model {_KEY_MODEL}={model!r} (supported: 'llama', 'gpt2')"
-            )
+            raise TokenizerError(f"unsupported tokenizer model {_KEY_MODEL}={model!r} (supported: 'llama', 'gpt2')")
         self.kind = "spm" if model == "llama" else "bpe"
         self._tokens = self._read_tokens(metadata)
         n = len(self._tokens)
@@ -263,7 +280,9 @@ class Tokenizer:
             raise TokenizerError(f"{key} must be an integer token id, got {value!r}")
         if not 0 <= value < len(self._tokens):
             if key in metadata:
-                logger.warning("%s = %d is outside the vocabulary (%d tokens); ignoring it", key, value, len(self._tokens))
+                logger.warning(
+                    "%s = %d is outside the vocabulary (%d tokens); ignoring it", key, value, len(self._tokens)
+                )
             return None
         return int(value)
 
@@ -331,7 +350,9 @@ class Tokenizer:
         if unk_id is None:
             unknown = np.flatnonzero(self._types == TokenType.UNKNOWN)
             if len(unknown) == 0:
-                raise TokenizerError("SentencePiece vocabulary has no unknown token: missing key tokenizer.ggml.unknown_token_id")
+                raise TokenizerError(
+                    "SentencePiece vocabulary has no unknown token: missing key tokenizer.ggml.unknown_token_id"
+                )
             unk_id = int(unknown[0])
         proto = sp_model.ModelProto()
         proto.trainer_spec.model_type = sp_model.TrainerSpec.BPE
@@ -377,15 +398,13 @@ class Tokenizer:
             cut = merge.find(" ", 1) if isinstance(merge, str) else -1
             if cut < 0:
                 raise TokenizerError(f"malformed entry in {_KEY_MERGES}: {merge!r}")
-            merges.append((merge[:cut], merge[cut + 1:]))
+            merges.append((merge[:cut], merge[cut + 1 :]))
         regexes = _PRE_TOKENIZER_REGEXES.get(self.pre)
         if regexes is None:
             logger.warning("unknown pre-tokenizer %s=%r; falling back to gpt2's regex", _KEY_PRE, self.pre)
             regexes = _PRE_TOKENIZER_REGEXES["gpt2"]
         try:
-            model = models.BPE(
-                vocab=self._token_to_id, merges=merges, ignore_merges=self.pre in _IGNORE_MERGES_PRES
-            )
+            model = models.BPE(vocab=self._token_to_id, merges=merges, ignore_merges=self.pre in _IGNORE_MERGES_PRES)
         except Exception as exc:
             raise TokenizerError(f"cannot build the BPE model from the GGUF vocabulary: {exc}") from None
         hf = HFTokenizer(model)
@@ -393,14 +412,15 @@ class Tokenizer:
             [pre_tokenizers.Split(Regex(r), behavior="isolated") for r in regexes]
             + [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
         )
-        hf.add_tokens([
-            AddedToken(t, special=False, normalized=False)
-            for t in self._special_texts((TokenType.USER_DEFINED,))
-        ])
-        hf.add_special_tokens([
-            AddedToken(t, special=True, normalized=False)
-            for t in self._special_texts((TokenType.CONTROL, TokenType.UNKNOWN))
-        ])
+        hf.add_tokens(
+            [AddedToken(t, special=False, normalized=False) for t in self._special_texts((TokenType.USER_DEFINED,))]
+        )
+        hf.add_special_tokens(
+            [
+                AddedToken(t, special=True, normalized=False)
+                for t in self._special_texts((TokenType.CONTROL, TokenType.UNKNOWN))
+            ]
+        )
         return hf
 
     @cached_property
@@ -409,9 +429,7 @@ class Tokenizer:
 
     @cached_property
     def _all_special_pattern(self) -> re.Pattern | None:
-        return _trie_pattern(
-            self._special_texts((TokenType.USER_DEFINED, TokenType.CONTROL, TokenType.UNKNOWN))
-        )
+        return _trie_pattern(self._special_texts((TokenType.USER_DEFINED, TokenType.CONTROL, TokenType.UNKNOWN)))
 
     # ---- public API -------------------------------------------------------------------------
 
@@ -481,7 +499,7 @@ class Tokenizer:
             match = _BPE_CUT.search(text, start + _BPE_CHUNK_CHARS)
             if match is None:
                 break
-            chunks.append(text[start:match.end()])
+            chunks.append(text[start : match.end()])
             start = match.end()
         chunks.append(text[start:])
         return chunks
@@ -503,7 +521,7 @@ class Tokenizer:
                 if not match.group():
                     continue
                 if match.start() > start:
-                    segments.append(self._spm_fragment(text[start:match.start()], prev_is_special))
+                    segments.append(self._spm_fragment(text[start : match.start()], prev_is_special))
                     prev_is_special = False
                 if not segments or isinstance(segments[-1], str):
                     segments.append([])
@@ -539,7 +557,9 @@ class Tokenizer:
         return StreamDecoder(self, skip_special)
 
     def __repr__(self) -> str:
-        return f"Tokenizer(kind={self.kind!r}, vocab_size={self.vocab_size}, bos_id={self.bos_id}, eos_ids={self.eos_ids})"
+        return (
+            f"Tokenizer(kind={self.kind!r}, vocab_size={self.vocab_size}, bos_id={self.bos_id}, eos_ids={self.eos_ids})"
+        )
 
 
 class StreamDecoder:

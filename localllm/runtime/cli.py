@@ -16,8 +16,8 @@ import sys
 import threading
 import time
 import traceback
-from pathlib import Path
 from collections.abc import Callable
+from pathlib import Path
 
 from localllm.errors import InvalidParameterError, LocalLLMError
 
@@ -90,8 +90,9 @@ def _cmd_info(args: argparse.Namespace) -> int:
     from localllm.runtime.catalog import default_model, ensure_model, entry_for_path
     from localllm.runtime.info import model_info, render_info
 
+    spec = _cache_spec(args) if args.cache else None
     path = ensure_model(args.model or default_model())
-    info = model_info(path)
+    info = model_info(path, cache=spec)
     entry = entry_for_path(path)
     info["kind"] = entry.kind if entry is not None else None
     if args.json:
@@ -177,8 +178,43 @@ def _threads(text: str) -> int | str:
 def _warn_past_training_context(llm, n_ctx: int) -> None:
     trained = llm.model.hparams.n_ctx_train
     if n_ctx > trained:
-        print(f"localllm: warning: --ctx {n_ctx} exceeds the model's training context of {trained} tokens; "
-              "expect worse output past it", file=sys.stderr, flush=True)
+        print(
+            f"localllm: warning: --ctx {n_ctx} exceeds the model's training context of {trained} tokens; "
+            "expect worse output past it",
+            file=sys.stderr,
+            flush=True,
+        )
+
+
+def _cache_spec(args: argparse.Namespace):
+    """The CacheSpec of --cache, --ctx, --sinks, --window and --kv-dtype, built before the model
+    loads so that a bad value is a one-line error at once."""
+    from localllm.runtime.cache import CacheSpec
+
+    return CacheSpec(policy=args.cache, n_ctx=args.ctx, sinks=args.sinks, window=args.window, kv_dtype=args.kv_dtype)
+
+
+def _cache_options(args: argparse.Namespace) -> dict:
+    """LLM's cache keywords (see _cache_spec)."""
+    spec = _cache_spec(args)
+    return {"cache": spec.policy, "sinks": spec.sinks, "window": spec.window, "kv_dtype": spec.kv_dtype}
+
+
+def _add_cache_arguments(parser: argparse.ArgumentParser, cache_help: str, cache_default: str | None = "full") -> None:
+    parser.add_argument("--cache", choices=["full", "sink"], default=cache_default, help=cache_help)
+    parser.add_argument(
+        "--sinks",
+        type=int,
+        default=4,
+        help="with --cache sink: first tokens kept as attention sinks; 0 is plain window attention (default 4)",
+    )
+    parser.add_argument("--window", type=int, default=1024, help="with --cache sink: latest tokens kept (default 1024)")
+    parser.add_argument(
+        "--kv-dtype",
+        choices=["f16", "f32"],
+        default="f16",
+        help="how keys and values are stored (default f16, as llama.cpp)",
+    )
 
 
 def _print_stats(completion, seed: int | None = None, stream=sys.stderr) -> None:
@@ -257,8 +293,11 @@ class _CompileNotice:
         if time.perf_counter() - self._started < self.QUIET_SECONDS:
             return
         if not self._announced:
-            print("compiling the CPU kernels (first run only; they are cached for the next runs)",
-                  file=sys.stderr, flush=True)
+            print(
+                "compiling the CPU kernels (first run only; they are cached for the next runs)",
+                file=sys.stderr,
+                flush=True,
+            )
             self._announced = True
         print(f"  [{done + 1}/{total}] {label}", file=sys.stderr, flush=True)
 
@@ -272,12 +311,22 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     if args.system is not None and args.raw:
         raise InvalidParameterError("--system needs the chat template; drop --raw")
     _check_context_and_threads(args)
+    cache = _cache_options(args)
     cancel = threading.Event()
     options = {**_generation_options(args), "cancel": cancel}
     prompt = _read_prompt(args)
-    with LLM(args.model or default_model(), n_ctx=args.ctx, threads=args.threads,
-             compile_progress=_CompileNotice()) as llm, _interrupt_sets(cancel):
-        _warn_past_training_context(llm, args.ctx)
+    with (
+        LLM(
+            args.model or default_model(),
+            n_ctx=args.ctx,
+            threads=args.threads,
+            compile_progress=_CompileNotice(),
+            **cache,
+        ) as llm,
+        _interrupt_sets(cancel),
+    ):
+        if args.cache == "full":
+            _warn_past_training_context(llm, args.ctx)
         # As mlx-lm's generate: a model with a chat template is asked in chat form unless --raw.
         chat = args.chat or (not args.raw and llm.has_chat_template)
         if chat:
@@ -305,49 +354,87 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         _print_stats(completion, seed=args.seed)
     if not completion.text.strip() and completion.stop_reason != "cancelled":
         reason = "eos" if not completion.token_ids else str(completion.stop_reason)
-        print(f"localllm: the model ended its reply at once (stop reason: {reason}); try "
-              f"{'--raw' if chat else '--chat'}", file=sys.stderr, flush=True)
+        print(
+            f"localllm: the model ended its reply at once (stop reason: {reason}); try {'--raw' if chat else '--chat'}",
+            file=sys.stderr,
+            flush=True,
+        )
     return EXIT_INTERRUPTED if cancel.is_set() else 0
 
 
 def _args_generate(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("prompt", nargs="?", metavar="PROMPT", help="the prompt; `-` (or nothing) reads stdin")
     parser.add_argument("-m", "--model", help="catalog name or path to a .gguf file (default: the catalog default)")
-    parser.add_argument("-n", "--max-tokens", type=int, default=256,
-                        help="most tokens to generate; -1: until the reply or the context ends (default 256)")
+    parser.add_argument(
+        "-n",
+        "--max-tokens",
+        type=int,
+        default=256,
+        help="most tokens to generate; -1: until the reply or the context ends (default 256)",
+    )
     parser.add_argument("--temp", type=float, help="temperature; 0 is greedy (default 0.8)")
     parser.add_argument("--top-k", type=int, help="keep the k most likely tokens; 0 disables (default 40)")
     parser.add_argument("--top-p", type=float, help="nucleus sampling mass; 1 disables (default 0.95)")
-    parser.add_argument("--min-p", type=float, help="drop tokens below min-p times the best one's probability (default 0.05)")
+    parser.add_argument(
+        "--min-p", type=float, help="drop tokens below min-p times the best one's probability (default 0.05)"
+    )
     parser.add_argument("--repeat-penalty", type=float, help="penalty for recently used tokens; 1 disables (default 1)")
-    parser.add_argument("--seed", type=int, help="random seed, for reproducible sampling; -1: a random one (shown by -v)")
+    parser.add_argument(
+        "--seed", type=int, help="random seed, for reproducible sampling; -1: a random one (shown by -v)"
+    )
     parser.add_argument("--stop", action="append", metavar="TEXT", help="stop before this text (repeatable)")
     parser.add_argument("--ctx", type=int, default=2048, help="context size in tokens (default 2048)")
-    parser.add_argument("--threads", type=_threads, default="auto", metavar="N|auto",
-                        help="compute threads; auto (the default) uses the cores other programs leave free")
-    parser.add_argument("--chat", action="store_true",
-                        help="use the chat template even when the file has none (the architecture's built-in one)")
+    parser.add_argument(
+        "--threads",
+        type=_threads,
+        default="auto",
+        metavar="N|auto",
+        help="compute threads; auto (the default) uses the cores other programs leave free",
+    )
+    parser.add_argument(
+        "--chat",
+        action="store_true",
+        help="use the chat template even when the file has none (the architecture's built-in one)",
+    )
     parser.add_argument("--system", help="system message of the chat")
-    parser.add_argument("--raw", action="store_true",
-                        help="plain completion: the prompt as is, no chat template (default when the model has none)")
+    parser.add_argument(
+        "--raw",
+        action="store_true",
+        help="plain completion: the prompt as is, no chat template (default when the model has none)",
+    )
     parser.add_argument("--no-bos", action="store_true", help="with plain completion, do not add the BOS token")
     parser.add_argument("--json", action="store_true", help="print one JSON object at the end instead of streaming")
     parser.add_argument("-v", "--verbose", action="store_true", help="timings, seed and peak memory on stderr")
+    _add_cache_arguments(
+        parser,
+        "KV cache policy: full (--ctx tokens, then the context is full) or sink "
+        "(StreamingLLM: the first --sinks tokens and the latest --window, without end; "
+        "default full)",
+    )
 
 
 def _cmd_perplexity(args: argparse.Namespace) -> int:
     from localllm.runtime.catalog import default_model
     from localllm.runtime.llm import LLM
-    from localllm.runtime.perplexity import perplexity
+    from localllm.runtime.perplexity import perplexity, streaming_perplexity
 
     _check_context_and_threads(args)
+    cache = _cache_options(args)
     try:
         text = Path(args.file).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as error:
         raise InvalidParameterError(f"cannot read {args.file}: {error}") from None
-    with LLM(args.model or default_model(), n_ctx=args.ctx, threads=args.threads,
-             compile_progress=_CompileNotice()) as llm:
-        result = perplexity(llm, text, n_ctx=args.ctx)
+    with LLM(
+        args.model or default_model(),
+        n_ctx=args.ctx,
+        threads=args.threads,
+        compile_progress=_CompileNotice(),
+        kv_dtype=cache["kv_dtype"],
+    ) as llm:
+        if args.cache == "sink":
+            result = streaming_perplexity(llm, text, sinks=args.sinks, window=args.window)
+        else:
+            result = perplexity(llm, text, n_ctx=args.ctx)
     print(
         f"PPL = {result.ppl:.4f} +/- {result.stderr:.5f}  "
         f"({result.n_tokens} tokens scored, {result.tokens_per_second:.1f} tokens/s)"
@@ -359,8 +446,19 @@ def _args_perplexity(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("file", metavar="FILE", help="UTF-8 text file to score")
     parser.add_argument("-m", "--model", help="catalog name or path to a .gguf file (default: the catalog default)")
     parser.add_argument("--ctx", type=int, default=512, help="tokens per chunk (default 512)")
-    parser.add_argument("--threads", type=_threads, default="auto", metavar="N|auto",
-                        help="compute threads; auto (the default) uses the cores other programs leave free")
+    _add_cache_arguments(
+        parser,
+        "full: llama.cpp's chunks of --ctx tokens (the default); sink: StreamingLLM's "
+        "evaluation, the whole file fed in order through the first --sinks tokens and "
+        "the latest --window, each token scored from the cache before it",
+    )
+    parser.add_argument(
+        "--threads",
+        type=_threads,
+        default="auto",
+        metavar="N|auto",
+        help="compute threads; auto (the default) uses the cores other programs leave free",
+    )
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
@@ -374,25 +472,48 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     # Resolve (and pull) every model first so a typo in the last one fails before any timing.
     models = [ensure_model(name) for name in (args.model or [default_model()])]
     console = _console(stderr=True)
-    results = run_bench(models, n_prompt=args.n_prompt, n_gen=args.n_gen, repetitions=args.repetitions,
-                        threads=args.threads, profile=args.verbose,
-                        progress=None if args.json else lambda text: console.print(f"[dim]{text}[/dim]"))
+    results = run_bench(
+        models,
+        n_prompt=args.n_prompt,
+        n_gen=args.n_gen,
+        repetitions=args.repetitions,
+        threads=args.threads,
+        profile=args.verbose,
+        progress=None if args.json else lambda text: console.print(f"[dim]{text}[/dim]"),
+    )
     if args.json:
         print(json.dumps([result.as_dict() for result in results], indent=2))
         return 0
     table = Table(box=box.MARKDOWN)
-    for column in ("model", "type", "size", "threads", "test", "t/s", "load s", "1st token s", "peak RSS",
-                   "tg roofline"):
+    for column in (
+        "model",
+        "type",
+        "size",
+        "threads",
+        "test",
+        "t/s",
+        "load s",
+        "1st token s",
+        "peak RSS",
+        "tg roofline",
+    ):
         table.add_column(column, justify="left" if column in ("model", "type", "test") else "right")
     for result in results:
         roofline = ""
         if result.roofline_ts is not None:
-            roofline = (f"{result.roofline_ts:.1f} t/s ({result.bandwidth_gbs:.1f} GB/s), "
-                        f"{result.roofline_fraction:.0%}")
-        table.add_row(Path(result.model_filename).name, result.model_type, decimal(result.model_size),
-                      str(result.n_threads), result.test, f"{result.avg_ts:.2f} ± {result.stddev_ts:.2f}",
-                      f"{result.load_seconds:.2f}", f"{result.first_token_seconds:.2f}",
-                      decimal(result.peak_rss_bytes), roofline)
+            roofline = f"{result.roofline_ts:.1f} t/s ({result.bandwidth_gbs:.1f} GB/s), {result.roofline_fraction:.0%}"
+        table.add_row(
+            Path(result.model_filename).name,
+            result.model_type,
+            decimal(result.model_size),
+            str(result.n_threads),
+            result.test,
+            f"{result.avg_ts:.2f} ± {result.stddev_ts:.2f}",
+            f"{result.load_seconds:.2f}",
+            f"{result.first_token_seconds:.2f}",
+            decimal(result.peak_rss_bytes),
+            roofline,
+        )
     # Ten columns do not fit 80 characters; a pipe or file gets the full width instead of wrapping.
     wide = _console() if sys.stdout.isatty() else _console(width=200)
     wide.print(table)
@@ -411,10 +532,18 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 
 def _args_bench(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("-m", "--model", action="append",
-                        help="catalog name or .gguf path; repeat for several models (default: the catalog default)")
-    parser.add_argument("-p", "--n-prompt", type=int, default=128, help="prompt tokens of the pp test; 0 skips it (default 128)")
-    parser.add_argument("-n", "--n-gen", type=int, default=64, help="generated tokens of the tg test; 0 skips it (default 64)")
+    parser.add_argument(
+        "-m",
+        "--model",
+        action="append",
+        help="catalog name or .gguf path; repeat for several models (default: the catalog default)",
+    )
+    parser.add_argument(
+        "-p", "--n-prompt", type=int, default=128, help="prompt tokens of the pp test; 0 skips it (default 128)"
+    )
+    parser.add_argument(
+        "-n", "--n-gen", type=int, default=64, help="generated tokens of the tg test; 0 skips it (default 64)"
+    )
     parser.add_argument("-r", "--repetitions", type=int, default=3, help="timed repetitions of each test (default 3)")
     parser.add_argument("--threads", type=int, help="compute threads (default: all cores)")
     parser.add_argument("--json", action="store_true", help="print a JSON list, one object per model and test")
@@ -431,9 +560,77 @@ def _args_rm(parser: argparse.ArgumentParser) -> None:
 
 
 def _args_info(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("model", metavar="MODEL", nargs="?",
-                        help="catalog name or path to a .gguf file (default: the catalog default)")
+    parser.add_argument(
+        "model", metavar="MODEL", nargs="?", help="catalog name or path to a .gguf file (default: the catalog default)"
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument("--ctx", type=int, default=4096, help="with --cache full: context size (default 4096)")
+    _add_cache_arguments(parser, "also show what a KV cache of this policy costs in total", cache_default=None)
+
+
+def _cmd_chat(args: argparse.Namespace) -> int:
+    from localllm.runtime.catalog import default_model
+    from localllm.tui import chat
+    from localllm.tui.settings import ChatSettings
+
+    _check_context_and_threads(args)
+    cache = _cache_options(args)
+    if args.max_tokens == UNTIL_THE_END:
+        max_tokens = None
+    elif args.max_tokens > 0:
+        max_tokens = args.max_tokens
+    else:
+        raise InvalidParameterError(
+            f"-n/--max-tokens must be a positive number of tokens, or -1 for until the model ends its reply, "
+            f"got {args.max_tokens}"
+        )
+    if args.temp is not None and not args.temp >= 0:
+        raise InvalidParameterError(f"--temp must be >= 0, got {args.temp}")
+    sampling = {} if args.temp is None else {"temperature": args.temp}
+    settings = ChatSettings(system=args.system or "", max_tokens=max_tokens, **sampling)
+    cancel = threading.Event()
+    with _interrupt_sets(cancel):
+        chat(
+            args.model or default_model(),
+            n_ctx=args.ctx,
+            threads=args.threads,
+            cache=cache,
+            inline=args.inline,
+            settings=settings,
+            cancel=cancel,
+            compile_progress=_CompileNotice(),
+        )
+    return EXIT_INTERRUPTED if cancel.is_set() else 0
+
+
+def _args_chat(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("-m", "--model", help="catalog name or path to a .gguf file (default: the catalog default)")
+    parser.add_argument("--system", help="system prompt of new conversations")
+    parser.add_argument("--temp", type=float, help="temperature of new conversations; 0 is greedy (default 0.8)")
+    parser.add_argument(
+        "-n",
+        "--max-tokens",
+        type=int,
+        default=1024,
+        help="most tokens of a reply in new conversations; -1: until the model ends it (default 1024)",
+    )
+    parser.add_argument("--ctx", type=int, default=4096, help="with --cache full: context size (default 4096)")
+    _add_cache_arguments(
+        parser,
+        "KV cache of conversations: sink (the default) keeps the first --sinks tokens and "
+        "the latest --window, so a conversation never runs out of room; full stops at --ctx",
+        cache_default="sink",
+    )
+    parser.add_argument(
+        "--threads",
+        type=_threads,
+        default="auto",
+        metavar="N|auto",
+        help="compute threads; auto (the default) uses the cores other programs leave free",
+    )
+    parser.add_argument(
+        "--inline", action="store_true", help="draw the app below the shell prompt instead of on the whole screen"
+    )
 
 
 _SUBCOMMANDS: list[
@@ -449,8 +646,14 @@ _SUBCOMMANDS: list[
     ("rm", "delete a model from the store", _args_rm, _cmd_rm),
     ("info", "describe a model: hyperparameters, tokenizer, tensor types", _args_info, _cmd_info),
     ("generate", "generate text from a prompt, streamed to stdout", _args_generate, _cmd_generate),
-    ("perplexity", "perplexity of a text file, as llama.cpp's perplexity tool computes it", _args_perplexity, _cmd_perplexity),
+    (
+        "perplexity",
+        "perplexity of a text file, as llama.cpp's perplexity tool computes it",
+        _args_perplexity,
+        _cmd_perplexity,
+    ),
     ("bench", "prompt processing and generation speed, like llama-bench", _args_bench, _cmd_bench),
+    ("chat", "chat in a terminal app (a line-by-line REPL without a terminal)", _args_chat, _cmd_chat),
 ]
 
 
@@ -465,9 +668,7 @@ class _OneLineErrors(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     from localllm import __version__
 
-    parser = _OneLineErrors(
-        prog="localllm", description="Local LLM inference from GGUF files."
-    )
+    parser = _OneLineErrors(prog="localllm", description="Local LLM inference from GGUF files.")
     parser.add_argument("--version", action="version", version=f"localllm {__version__}")
     debug_help = "show full tracebacks for errors"
     parser.add_argument("--debug", action="store_true", help=debug_help)

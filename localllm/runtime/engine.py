@@ -1,8 +1,9 @@
 """The generation loop: prefill a prompt, then sample and decode one token at a time.
 
-`Generation` runs one request over a model, a tokenizer and a fresh KV cache. It is an
-iterator of `Chunk`s as tokens arrive; once it ends (finished, or closed by the consumer),
-`Generation.completion` holds the whole `Completion` with its `GenerationStats`.
+`Generation` runs one request over a model, a tokenizer and a KV cache: a fresh one, or a
+session's, which may already hold the start of the prompt. It is an iterator of `Chunk`s as
+tokens arrive; once it ends (finished, or closed by the consumer), `Generation.completion`
+holds the whole `Completion` with its `GenerationStats`.
 
 Text is produced by the tokenizer's streaming decoder, so a chunk never holds half a UTF-8
 character, and passes through `StopStrings`, so a stop string split across tokens is never
@@ -19,12 +20,12 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from numbers import Integral
 
-from localllm.errors import ContextOverflowError, InvalidParameterError
+from localllm.errors import CancelledError, ContextOverflowError, InvalidParameterError
 from localllm.runtime.sampling import Sampler, SamplingParams
 from localllm.runtime.stopping import StopReason, StopStrings
 
 # Keyword arguments a generation call takes besides the SamplingParams fields.
-_REQUEST_OPTIONS = ("max_tokens", "stop", "cancel")
+_REQUEST_OPTIONS = ("max_tokens", "stop", "cancel", "progress")
 SAMPLING_OPTIONS = tuple(f.name for f in fields(SamplingParams))
 
 
@@ -45,6 +46,8 @@ class Chunk:
 class GenerationStats:
     load_seconds: float = 0.0
     prompt_tokens: int = 0
+    # Prompt tokens found already in the cache (a session's earlier turns): not processed again.
+    reused_tokens: int = 0
     prompt_seconds: float = 0.0
     completion_tokens: int = 0
     # Decode steps: forward passes over one sampled token (the first token comes from prefill).
@@ -54,8 +57,12 @@ class GenerationStats:
     total_seconds: float = 0.0
 
     @property
+    def processed_prompt_tokens(self) -> int:
+        return self.prompt_tokens - self.reused_tokens
+
+    @property
     def prompt_tokens_per_second(self) -> float | None:
-        return self.prompt_tokens / self.prompt_seconds if self.prompt_seconds > 0 else None
+        return self.processed_prompt_tokens / self.prompt_seconds if self.prompt_seconds > 0 else None
 
     @property
     def tokens_per_second(self) -> float | None:
@@ -63,6 +70,7 @@ class GenerationStats:
 
     def as_dict(self) -> dict:
         data = asdict(self)
+        data["processed_prompt_tokens"] = self.processed_prompt_tokens
         data["prompt_tokens_per_second"] = self.prompt_tokens_per_second
         data["tokens_per_second"] = self.tokens_per_second
         return data
@@ -84,6 +92,8 @@ class GenerationRequest:
     max_tokens: int | None = 256
     stop: tuple[str, ...] = ()
     cancel: threading.Event | None = None
+    # progress(done, total): prompt tokens processed so far, after each prefill block.
+    progress: Callable[[int, int], None] | None = None
 
     def __post_init__(self):
         if self.max_tokens is not None and (
@@ -100,10 +110,13 @@ class GenerationRequest:
         object.__setattr__(self, "stop", StopStrings(stop).stops)
         if self.cancel is not None and not isinstance(self.cancel, threading.Event):
             raise InvalidParameterError(f"cancel must be a threading.Event, got {type(self.cancel).__name__}")
+        if self.progress is not None and not callable(self.progress):
+            raise InvalidParameterError(f"progress must be callable, got {type(self.progress).__name__}")
 
     @classmethod
     def from_kwargs(cls, options: dict) -> GenerationRequest:
-        """Build from keyword arguments: SamplingParams fields plus max_tokens, stop and cancel."""
+        """Build from keyword arguments: SamplingParams fields plus max_tokens, stop, cancel and
+        progress."""
         unknown = sorted(set(options) - set(SAMPLING_OPTIONS) - set(_REQUEST_OPTIONS))
         if unknown:
             allowed = ", ".join((*SAMPLING_OPTIONS, *_REQUEST_OPTIONS))
@@ -113,8 +126,6 @@ class GenerationRequest:
 
 
 def check_prompt_fits(n_prompt: int, n_ctx: int) -> None:
-    if n_prompt == 0:
-        raise InvalidParameterError("the prompt is empty: nothing to generate from")
     if n_prompt > n_ctx:
         raise ContextOverflowError(f"prompt has {n_prompt} tokens but the context holds {n_ctx}")
 
@@ -175,8 +186,10 @@ class Generation:
 
     Nothing runs until the first chunk is requested. Then `lock` (if given) is taken and held
     until the generation ends or is closed (`close()`, dropping the last reference, or the same
-    thread starting another generation under the lock), and
-    `new_cache()` provides an empty KV cache of `n_ctx` entries that the prompt is prefilled into.
+    thread starting another generation under the lock), and `prepare_cache(prompt_ids)` returns
+    the KV cache to use and how many leading prompt tokens it already holds; only the rest is
+    prefilled. `n_ctx`, when given, refuses at once a prompt that cannot fit. `on_end(completion,
+    cache)` is called, still under the lock, once the generation has ended.
     """
 
     def __init__(
@@ -186,17 +199,21 @@ class Generation:
         prompt_ids: Sequence[int],
         request: GenerationRequest,
         *,
-        n_ctx: int,
-        new_cache: Callable[[], object],
+        prepare_cache: Callable[[list[int]], tuple[object, int]],
+        n_ctx: int | None = None,
         lock: GenerationLock | None = None,
         load_seconds: float = 0.0,
+        on_end: Callable[[Completion, object], None] | None = None,
     ):
         self.prompt_ids = [int(i) for i in prompt_ids]
-        check_prompt_fits(len(self.prompt_ids), n_ctx)
+        if not self.prompt_ids:
+            raise InvalidParameterError("the prompt is empty: nothing to generate from")
+        if n_ctx is not None:
+            check_prompt_fits(len(self.prompt_ids), n_ctx)
         self.request = request
         sampler = Sampler(request.sampling, model.n_vocab)
         self._outcome = _Outcome(GenerationStats(load_seconds=load_seconds, prompt_tokens=len(self.prompt_ids)))
-        chunks = _chunks(model, tokenizer, sampler, self.prompt_ids, request, new_cache, self._outcome)
+        chunks = _chunks(model, tokenizer, sampler, self.prompt_ids, request, prepare_cache, self._outcome, on_end)
         if lock is None:
             self._chunks = chunks
         else:
@@ -241,7 +258,8 @@ def _holding(lock: GenerationLock, chunks: Iterator[Chunk], itself: list[weakref
 
 
 def _chunks(model, tokenizer, sampler: Sampler, prompt_ids: list[int], request: GenerationRequest,
-            new_cache: Callable[[], object], outcome: _Outcome) -> Iterator[Chunk]:  # fmt: skip
+            prepare_cache: Callable[[list[int]], tuple[object, int]], outcome: _Outcome,
+            on_end: Callable[[Completion, object], None] | None) -> Iterator[Chunk]:  # fmt: skip
     stats = outcome.stats
     eos_ids = frozenset(tokenizer.eos_ids)
     decoder = tokenizer.stream_decoder(skip_special=True)
@@ -251,9 +269,15 @@ def _chunks(model, tokenizer, sampler: Sampler, prompt_ids: list[int], request: 
     texts: list[str] = []
     reason = StopReason.CANCELLED
     started = time.perf_counter()
+    cache = None
     try:
-        cache = new_cache()
-        logits = model.forward(context, cache)
+        cache, reused = prepare_cache(context)
+        stats.reused_tokens = reused
+        cache.check_room(len(context) - reused)
+        try:
+            logits = model.forward(context[reused:], cache, cancel=request.cancel, progress=request.progress)
+        except CancelledError:
+            return
         stats.prompt_seconds = time.perf_counter() - started
         while True:
             if request.cancel is not None and request.cancel.is_set():
@@ -272,7 +296,7 @@ def _chunks(model, tokenizer, sampler: Sampler, prompt_ids: list[int], request: 
             if stopped:
                 reason = StopReason.STOP
                 break
-            if len(generated) == request.max_tokens or cache.n_tokens >= cache.n_ctx:
+            if len(generated) == request.max_tokens or not cache.has_room(1):
                 reason = StopReason.LENGTH
                 break
             if request.cancel is not None and request.cancel.is_set():
@@ -294,3 +318,5 @@ def _chunks(model, tokenizer, sampler: Sampler, prompt_ids: list[int], request: 
         stats.completion_tokens = len(generated)
         stats.total_seconds = time.perf_counter() - started
         outcome.completion = Completion("".join(texts), generated, reason, stats)
+        if on_end is not None and cache is not None:
+            on_end(outcome.completion, cache)

@@ -23,18 +23,27 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def _kv_bytes_per_token(metadata: dict) -> int | None:
-    """KV-cache memory one token of context costs, or None for an architecture we cannot run."""
-    from localllm.runtime.models import kv_bytes_per_token
+def _kv_cache(metadata: dict, spec) -> dict[str, Any]:
+    """KV-cache memory per token for each storage type and, for `spec` (a CacheSpec), in total;
+    None values for an architecture we cannot run."""
+    from localllm.runtime.cache import KV_DTYPES
+    from localllm.runtime.models import cache_layout
 
     try:
-        return kv_bytes_per_token(metadata)
+        layout = cache_layout(metadata)
     except LocalLLMError:
-        return None
+        return {"kv_cache_bytes_per_token": None, "kv_cache_bytes_per_token_by_type": None, "kv_cache": None}
+    by_type = {dtype: layout.bytes_per_token(dtype) for dtype in KV_DTYPES}
+    total = None
+    if spec is not None:
+        # Every slot the buffers have: the window plus the rollback margin and a block of slack.
+        total = {**spec.describe(), "bytes": layout.total_bytes(spec)}
+    return {"kv_cache_bytes_per_token": by_type["f16"], "kv_cache_bytes_per_token_by_type": by_type, "kv_cache": total}
 
 
-def model_info(path: Path) -> dict[str, Any]:
-    """Summarise the GGUF file at `path` as a JSON-serialisable dict."""
+def model_info(path: Path, cache=None) -> dict[str, Any]:
+    """Summarise the GGUF file at `path` as a JSON-serialisable dict; `cache` (a CacheSpec) adds
+    what that cache costs in total."""
     with open_gguf(path) as g:
         meta = g.metadata
         arch = meta.get("general.architecture")
@@ -63,7 +72,7 @@ def model_info(path: Path) -> dict[str, Any]:
 
         return {
             "path": str(path),
-            "kv_cache_bytes_per_token": _kv_bytes_per_token(meta),
+            **_kv_cache(meta, cache),
             "name": meta.get("general.name"),
             "architecture": arch,
             "parameters": parameters,
@@ -79,9 +88,7 @@ def model_info(path: Path) -> dict[str, Any]:
             "chat_template": "tokenizer.chat_template" in meta,
             "file_bytes": Path(path).stat().st_size,
             "tensor_count": len(g.tensors),
-            "tensor_types": dict(
-                sorted(tensor_types.items(), key=lambda item: item[1]["bytes"], reverse=True)
-            ),
+            "tensor_types": dict(sorted(tensor_types.items(), key=lambda item: item[1]["bytes"], reverse=True)),
         }
 
 
@@ -118,10 +125,21 @@ def render_info(info: dict[str, Any], console) -> None:
         ("tokenizer", f"{shown(info['tokenizer_model'])} (pre: {shown(info['tokenizer_pre'])})"),
         ("chat template", "yes" if info["chat_template"] else "no"),
         ("kind", info["kind"] or "not a catalog model (a chat template suggests instruct)"),
-        ("KV cache per token", "-" if info["kv_cache_bytes_per_token"] is None
-            else f"{info['kv_cache_bytes_per_token']:,} bytes (float32)"),
+        (
+            "KV cache per token",
+            "-"
+            if info["kv_cache_bytes_per_token_by_type"] is None
+            else ", ".join(
+                f"{size:,} bytes ({dtype})" for dtype, size in info["kv_cache_bytes_per_token_by_type"].items()
+            ),
+        ),
         ("file size", f"{decimal(info['file_bytes'])} ({info['file_bytes']:,} bytes)"),
     ]
+    if info.get("kv_cache"):
+        cache = dict(info["kv_cache"])
+        total = cache.pop("bytes")
+        settings = ", ".join(f"{key}={value}" for key, value in cache.items())
+        rows.insert(-1, (f"KV cache ({settings})", f"{decimal(total)} ({total:,} bytes) when full"))
     for label, value in rows:
         overview.add_row(label, value)
     console.print(overview)

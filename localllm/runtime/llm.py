@@ -15,6 +15,7 @@ from localllm.formats.chat import ChatTemplate
 from localllm.formats.gguf import open_gguf
 from localllm.formats.tokenizer import Tokenizer
 from localllm.kernels import cpu as kernels
+from localllm.runtime.cache import CacheSpec
 from localllm.runtime.catalog import ensure_model
 from localllm.runtime.engine import Completion, Generation, GenerationLock, GenerationRequest
 from localllm.runtime.models import load_model
@@ -28,17 +29,31 @@ class LLM:
     """A model loaded from a GGUF file (path or catalog name, pulled if missing).
 
     Attributes: `path`, `gguf` (the open file), `model` (its architecture, weights in the
-    memory map), `tokenizer`, `cache` (the KV cache of the current context) and `n_ctx`.
-    `quantize_activations=False` runs products on float32 activations instead of llama.cpp's
-    8-bit rounding of them. Loading also compiles, or loads from Numba's cache, every kernel
+    memory map), `tokenizer`, `cache` (the KV cache of the current context), `cache_spec` and
+    `n_ctx`. The cache follows `cache`: "full" (n_ctx entries, then the context is full) or
+    "sink" (StreamingLLM: the first `sinks` entries plus the latest `window`, so generation
+    never runs out of room); keys and values are stored as `kv_dtype` ("f16" or "f32"). A cache
+    that would not fit in the available memory is refused (OutOfMemoryError) before anything
+    is allocated. `quantize_activations=False` runs products on float32 activations instead of
+    llama.cpp's 8-bit rounding of them. Loading also compiles, or loads from Numba's cache, every kernel
     the model needs (kernels.warm_up), so the first token never waits on a compile;
     `compile_progress(label, done, total)` follows its steps (a cold cache takes tens of
     seconds, on the first run on a machine).
     """
 
-    def __init__(self, model: str | os.PathLike, n_ctx: int | None = None, threads: int | str | None = None,
-                 quantize_activations: bool = True,
-                 compile_progress: Callable[[str, int, int], None] | None = None):
+    def __init__(
+        self,
+        model: str | os.PathLike,
+        n_ctx: int | None = None,
+        threads: int | str | None = None,
+        quantize_activations: bool = True,
+        compile_progress: Callable[[str, int, int], None] | None = None,
+        *,
+        cache: str = "full",
+        sinks: int = 4,
+        window: int = 1024,
+        kv_dtype: str = "f16",
+    ):
         started = time.perf_counter()
         # Held for a whole generation (or logits call): they share the one KV cache.
         self._lock = GenerationLock()
@@ -52,11 +67,12 @@ class LLM:
             self.tokenizer = Tokenizer.from_gguf(self.gguf)
             if n_ctx is None:
                 n_ctx = min(self.model.hparams.n_ctx_train, DEFAULT_N_CTX)
-            if isinstance(n_ctx, bool) or not isinstance(n_ctx, int) or n_ctx <= 0:
-                raise InvalidParameterError(f"n_ctx must be a positive int, got {n_ctx!r}")
+            self.cache_spec = CacheSpec(policy=cache, n_ctx=n_ctx, sinks=sinks, window=window, kv_dtype=kv_dtype)
             self.n_ctx = n_ctx
-            self.cache = self.model.new_cache(n_ctx)
-            matrix_types = {t.type for t in self.gguf.tensors.values() if len(t.shape) == 2 and t.type in kernels.KERNELS}
+            self.cache = self.model.new_cache(self.cache_spec)
+            matrix_types = {
+                t.type for t in self.gguf.tensors.values() if len(t.shape) == 2 and t.type in kernels.KERNELS
+            }
             kernels.warm_up(sorted(matrix_types), progress=compile_progress)
         except BaseException:
             self.gguf.close()
@@ -80,7 +96,8 @@ class LLM:
         self.cache.clear()
 
     def logits(self, ids: Sequence[int]) -> np.ndarray:
-        """float32 logits (len(ids), n_vocab) of every position of `ids` on a fresh context."""
+        """float32 logits (len(ids), n_vocab) of every position of `ids` on a fresh context
+        (under the sink policy, each token sees the sinks and the window before it)."""
         with self._lock:
             self.reset()
             return self.model.forward(ids, self.cache, all_logits=True)
@@ -101,9 +118,11 @@ class LLM:
 
         Options: the `SamplingParams` fields (temperature, top_k, top_p, min_p, repeat_penalty,
         presence_penalty, frequency_penalty, penalty_last_n, seed, logit_bias), max_tokens
-        (default 256, None: until the context is full), stop (strings) and cancel (a
-        threading.Event). The model serves one generation at a time: others wait until this one
-        ends or is closed (breaking out of the loop and dropping it is enough).
+        (default 256, None: until the context is full, or without end under the sink policy),
+        stop (strings), cancel (a threading.Event, also checked between prefill blocks) and
+        progress (`progress(done, total)` after each prefill block). The model serves one
+        generation at a time: others wait until this one ends or is closed (breaking out of the
+        loop and dropping it is enough).
         """
         return self._generation(self._prompt_ids(prompt), options)
 
@@ -144,15 +163,23 @@ class LLM:
             self.tokenizer,
             ids,
             GenerationRequest.from_kwargs(options),
-            n_ctx=self.n_ctx,
-            new_cache=self._fresh_cache,
+            prepare_cache=self._fresh_cache,
+            n_ctx=self.n_ctx if self.cache_spec.policy == "full" else None,
             lock=self._lock,
             load_seconds=self.load_seconds,
         )
 
-    def _fresh_cache(self):
+    def _fresh_cache(self, prompt_ids: list[int]):
         self.reset()
-        return self.cache
+        return self.cache, 0
+
+    def session(self, system: str | None = None, cache: CacheSpec | str | None = None, **options):
+        """A new conversation (`Session`) over this model, with its own KV cache: `cache` is a
+        CacheSpec, a policy name ("full", "sink") with this LLM's other cache settings, or None
+        for this LLM's. `options` are the default generation options of every `send`."""
+        from localllm.runtime.session import Session
+
+        return Session(self, system=system, cache=cache, **options)
 
     def close(self) -> None:
         """Release the file; waits for a generation running in another thread to end."""

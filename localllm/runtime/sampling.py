@@ -13,9 +13,9 @@ top-p without top-k genuinely needs tens of thousands of tokens to reach its mas
 """
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from numbers import Integral, Real
-from typing import Sequence
 
 import numpy as np
 
@@ -80,12 +80,8 @@ class SamplingParams:
             "repeat_penalty": _require_real(
                 "repeat_penalty", self.repeat_penalty, 0.0, math.inf, "> 0", low_inclusive=False
             ),
-            "presence_penalty": _require_real(
-                "presence_penalty", self.presence_penalty, -2.0, 2.0, "in [-2, 2]"
-            ),
-            "frequency_penalty": _require_real(
-                "frequency_penalty", self.frequency_penalty, -2.0, 2.0, "in [-2, 2]"
-            ),
+            "presence_penalty": _require_real("presence_penalty", self.presence_penalty, -2.0, 2.0, "in [-2, 2]"),
+            "frequency_penalty": _require_real("frequency_penalty", self.frequency_penalty, -2.0, 2.0, "in [-2, 2]"),
             "penalty_last_n": _require_int("penalty_last_n", self.penalty_last_n, -1),
         }
         for name, value in checked.items():
@@ -102,16 +98,12 @@ class SamplingParams:
 
 def _checked_logit_bias(logit_bias) -> dict[int, float]:
     if not isinstance(logit_bias, dict):
-        raise InvalidParameterError(
-            f"logit_bias must be a dict of token id -> bias, got {type(logit_bias).__name__}"
-        )
+        raise InvalidParameterError(f"logit_bias must be a dict of token id -> bias, got {type(logit_bias).__name__}")
     checked = {}
     for token, bias in logit_bias.items():
         token = _require_int("logit_bias token id", token, 0)
         if isinstance(bias, bool) or not isinstance(bias, Real) or math.isnan(bias) or bias == math.inf:
-            raise InvalidParameterError(
-                f"logit_bias for token {token} must be a finite number or -inf, got {bias!r}"
-            )
+            raise InvalidParameterError(f"logit_bias for token {token} must be a finite number or -inf, got {bias!r}")
         checked[token] = float(bias)
     return checked
 
@@ -207,9 +199,7 @@ class Sampler:
             return None
         if window.min() < 0 or window.max() >= self.n_vocab:
             bad = window[(window < 0) | (window >= self.n_vocab)][0]
-            raise InvalidParameterError(
-                f"recent token id {bad} is outside the vocabulary of {self.n_vocab} tokens"
-            )
+            raise InvalidParameterError(f"recent token id {bad} is outside the vocabulary of {self.n_vocab} tokens")
         return window
 
     def _filtered(self, x: np.ndarray, shift: np.float32) -> np.ndarray | None:

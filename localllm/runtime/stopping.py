@@ -1,7 +1,7 @@
 """When generation ends, and keeping stop strings out of streamed text."""
 
+from collections.abc import Iterable
 from enum import StrEnum
-from typing import Iterable
 
 from localllm.errors import InvalidParameterError
 

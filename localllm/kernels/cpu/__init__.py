@@ -83,15 +83,23 @@ def warm_float_kernels(type_names: list[str], with_ops: bool = False) -> None:
 def _start_float_worker(types: list[GGMLQuantizationType]) -> subprocess.Popen:
     package_root = str(Path(__file__).resolve().parents[3])
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")])))
-    script = ("import sys; from localllm.kernels.cpu import warm_float_kernels; "
-              "warm_float_kernels(sys.argv[1:], with_ops=True)")
-    return subprocess.Popen([sys.executable, "-c", script, *(qtype.name for qtype in types)], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    script = (
+        "import sys; from localllm.kernels.cpu import warm_float_kernels; "
+        "warm_float_kernels(sys.argv[1:], with_ops=True)"
+    )
+    return subprocess.Popen(
+        [sys.executable, "-c", script, *(qtype.name for qtype in types)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
 
 
-def warm_up(types: Iterable[GGMLQuantizationType] | None = None,
-            progress: Callable[[str, int, int], None] | None = None,
-            processes: int | None = None) -> None:
+def warm_up(
+    types: Iterable[GGMLQuantizationType] | None = None,
+    progress: Callable[[str, int, int], None] | None = None,
+    processes: int | None = None,
+) -> None:
     """Compile, or load from Numba's on-disk cache, the product and embedding kernels of `types`
     (default: every supported format) and the transformer ops.
 

@@ -40,9 +40,18 @@ Q8_1_WEIGHTS = (T.Q4_1, T.Q5_1)
 
 # The activation format ggml's CPU backend pairs with each weight type (`vec_dot_type`).
 ACTIVATION_BLOCK = {
-    T.Q4_0: Q8_0_BLOCK, T.Q4_1: Q8_0_BLOCK, T.Q5_0: Q8_0_BLOCK, T.Q5_1: Q8_0_BLOCK, T.Q8_0: Q8_0_BLOCK,
-    T.Q2_K: Q8_K_BLOCK, T.Q3_K: Q8_K_BLOCK, T.Q4_K: Q8_K_BLOCK, T.Q5_K: Q8_K_BLOCK, T.Q6_K: Q8_K_BLOCK,
-    T.TQ1_0: Q8_K_BLOCK, T.TQ2_0: Q8_K_BLOCK,
+    T.Q4_0: Q8_0_BLOCK,
+    T.Q4_1: Q8_0_BLOCK,
+    T.Q5_0: Q8_0_BLOCK,
+    T.Q5_1: Q8_0_BLOCK,
+    T.Q8_0: Q8_0_BLOCK,
+    T.Q2_K: Q8_K_BLOCK,
+    T.Q3_K: Q8_K_BLOCK,
+    T.Q4_K: Q8_K_BLOCK,
+    T.Q5_K: Q8_K_BLOCK,
+    T.Q6_K: Q8_K_BLOCK,
+    T.TQ1_0: Q8_K_BLOCK,
+    T.TQ2_0: Q8_K_BLOCK,
 }
 
 
@@ -68,20 +77,23 @@ def _store_block_sum(sums, b, total, scale):
 @overload(_store_block_sum, inline="always")
 def _store_block_sum_impl(sums, b, total, scale):
     if isinstance(sums.dtype, types.Float):
+
         def store_value_sum(sums, b, total, scale):
             value_sum = scale * np.float32(total)
             sums[b] = _round_to_half(value_sum) if value_sum >= 0 else -_round_to_half(-value_sum)
+
         return store_value_sum
 
     def store_code_sum(sums, b, total, scale):
         sums[b] = total
+
     return store_code_sum
 
 
 @njit(**_OPTIONS)
 def _q8_0_row(x, codes, scales, sums):
     for b in range(x.shape[0] // Q8_0_BLOCK):
-        xb = x[b * Q8_0_BLOCK:(b + 1) * Q8_0_BLOCK]
+        xb = x[b * Q8_0_BLOCK : (b + 1) * Q8_0_BLOCK]
         amax = np.float32(0.0)
         for j in range(Q8_0_BLOCK):
             amax = max(amax, abs(xb[j]))
@@ -99,7 +111,7 @@ def _q8_0_row(x, codes, scales, sums):
 @njit(**_OPTIONS)
 def _q8_k_row(x, codes, scales, sums):
     for b in range(x.shape[0] // Q8_K_BLOCK):
-        xb = x[b * Q8_K_BLOCK:(b + 1) * Q8_K_BLOCK]
+        xb = x[b * Q8_K_BLOCK : (b + 1) * Q8_K_BLOCK]
         amax = np.float32(0.0)
         signed_max = np.float32(0.0)
         for j in range(Q8_K_BLOCK):

@@ -16,7 +16,7 @@ def _streaming_sum(data):
     for lane in prange(_LANES):
         # A slice indexed from zero: a computed index would add Numba's negative-index fix-up
         # to every load and make the sum compute-bound instead of memory-bound.
-        chunk = data[lane * chunks:(lane + 1) * chunks]
+        chunk = data[lane * chunks : (lane + 1) * chunks]
         acc = np.float32(0.0)
         for j in range(chunk.shape[0]):
             acc += chunk[j]
@@ -27,7 +27,7 @@ def _streaming_sum(data):
 def read_bandwidth(size_bytes: int = 1 << 30, repeats: int = 5) -> float:
     """Best-of-`repeats` read bandwidth in GB/s (1e9 bytes) for a parallel sum over `size_bytes`."""
     data = np.ones(size_bytes // 4, dtype=np.float32)
-    _streaming_sum(data[:_LANES * 16])
+    _streaming_sum(data[: _LANES * 16])
     best = float("inf")
     for _ in range(repeats):
         start = time.perf_counter()

@@ -33,6 +33,21 @@ def half_to_float(typingctx, bits):
 
 
 @intrinsic
+def stored_to_float(typingctx, value):
+    """float32 value of an element of a float32 or f16 store: float32 as it is, f16 given as
+    its uint16 bit pattern (Numba has no float16 type), so one kernel body reads both."""
+    if isinstance(value, types.Float) and value.bitwidth == 32:
+        return types.float32(value), lambda context, builder, signature, args: args[0]
+    if isinstance(value, types.Integer) and value.bitwidth == 16 and not value.signed:
+
+        def codegen(context, builder, signature, args):
+            return builder.fpext(builder.bitcast(args[0], ir.HalfType()), ir.FloatType())
+
+        return types.float32(value), codegen
+    return None
+
+
+@intrinsic
 def bfloat_to_float(typingctx, bits):
     """float32 value of the bfloat16 whose bit pattern is the low 16 bits of `bits`."""
     if not isinstance(bits, types.Integer):

@@ -145,8 +145,7 @@ def _halves(builder, pointer, offset):
     third of their speed (depending on each compile's register allocation). Every caller's
     block has 8 bytes from `offset` on."""
     convert = ir.FunctionType(_vector(_F32, 4), [_I8.as_pointer()])
-    floats = builder.asm(convert, "vcvtph2ps ($1), $0", "=x,r", [_address(builder, pointer, offset)],
-                         side_effect=False)
+    floats = builder.asm(convert, "vcvtph2ps ($1), $0", "=x,r", [_address(builder, pointer, offset)], side_effect=False)
     return [builder.extract_element(floats, ir.Constant(_I32, i)) for i in range(4)]
 
 
@@ -157,8 +156,9 @@ def _word_splats(builder, words, lanes):
     One in-lane vpshufb each from the words copied into both halves, as inline assembly: LLVM
     turns a shuffle intrinsic back into its own lowering of splats, a shift and a vpbroadcastw
     per vector, on the same two shuffle ports."""
-    doubled = builder.bitcast(builder.shuffle_vector(words, words, ir.Constant(_vector(_I32, 16), list(range(8)) * 2)),
-                              _vector(_I8, 32))
+    doubled = builder.bitcast(
+        builder.shuffle_vector(words, words, ir.Constant(_vector(_I32, 16), list(range(8)) * 2)), _vector(_I8, 32)
+    )
     shuffle = ir.FunctionType(_vector(_I8, 32), [_vector(_I8, 32)] * 2)
     splats = []
     for indices in lanes:
@@ -254,6 +254,7 @@ def _scaled_dot(builder, values, codes, splats):
 def _k_scales_codegen(nibbles_at, bits_at):
     def codegen(builder, block, rows, count, acc):
         _scaled_sub_blocks(builder, block, rows, count, acc, nibbles_at, bits_at)
+
     return codegen
 
 
@@ -266,12 +267,16 @@ def _scaled_sub_blocks(builder, block, rows, count, acc, nibbles_at, bits_at):
     scales_4_7 = builder.or_(builder.and_(high, four_bits), builder.and_(builder.lshr(low_scales, two), bits_4_5))
     mins_4_7 = builder.or_(builder.lshr(high, four), builder.and_(builder.lshr(low_mins, two), bits_4_5))
     concatenate = ir.Constant(_vector(_I32, 8), list(range(8)))
-    scales = builder.zext(builder.shuffle_vector(builder.and_(low_scales, six_bits), scales_4_7, concatenate),
-                          _vector(_I16, 8))
+    scales = builder.zext(
+        builder.shuffle_vector(builder.and_(low_scales, six_bits), scales_4_7, concatenate), _vector(_I16, 8)
+    )
     # Each min twice: one vpmaddwd with the 16-value code sums gives min_j * (sum of chunk j).
-    mins = builder.zext(builder.shuffle_vector(builder.and_(low_mins, six_bits), mins_4_7,
-                                               ir.Constant(_vector(_I32, 16), [j // 2 for j in range(16)])),
-                        _vector(_I16, 16))
+    mins = builder.zext(
+        builder.shuffle_vector(
+            builder.and_(low_mins, six_bits), mins_4_7, ir.Constant(_vector(_I32, 16), [j // 2 for j in range(16)])
+        ),
+        _vector(_I16, 16),
+    )
     nibbles = []
     for j in range(4):
         packed = _load(builder, block, nibbles_at + 32 * j, _I8, 32)
@@ -285,8 +290,9 @@ def _scaled_sub_blocks(builder, block, rows, count, acc, nibbles_at, bits_at):
         d_x = rows.scale(t)
         _accumulate(builder, _acc_at(builder, acc, 16 * t), builder.fmul(d, d_x), total)
         code_sums = _load(builder, rows.sums_at(t), 0, _I16, 16)
-        _accumulate(builder, _acc_at(builder, acc, 16 * t + 8), builder.fmul(dmin, d_x),
-                    _madd_words(builder, code_sums, mins))
+        _accumulate(
+            builder, _acc_at(builder, acc, 16 * t + 8), builder.fmul(dmin, d_x), _madd_words(builder, code_sums, mins)
+        )
 
 
 # Q6_K (210 bytes): 128 bytes of low nibbles, 64 bytes of high bit pairs, 16 int8 scales, f16 d.
@@ -309,7 +315,9 @@ def _q6_k_codegen(builder, block, rows, count, acc):
             builder.or_(builder.and_(low_a, low_nibble), builder.and_(builder.shl(high, _splat(_I8, 32, 4)), field)),
             builder.or_(builder.and_(low_b, low_nibble), builder.and_(builder.shl(high, _splat(_I8, 32, 2)), field)),
             builder.or_(builder.lshr(low_a, _splat(_I8, 32, 4)), builder.and_(high, field)),
-            builder.or_(builder.lshr(low_b, _splat(_I8, 32, 4)), builder.and_(builder.lshr(high, _splat(_I8, 32, 2)), field)),
+            builder.or_(
+                builder.lshr(low_b, _splat(_I8, 32, 4)), builder.and_(builder.lshr(high, _splat(_I8, 32, 2)), field)
+            ),
         ]
     # d is the block's last two bytes: the load ends with them.
     d = _halves(builder, block, 202)[3]
@@ -334,13 +342,20 @@ def _q3_k_scales(builder, block):
     """Q3_K's 16 signed 6-bit scales as <16 x i16>: low 4 bits from the nibbles of bytes 0..7
     (low nibbles first), high 2 bits from the bit pairs of bytes 8..11 (bits 0-1 first)."""
     packed = _load(builder, block, 96, _I8, 8)
-    low = builder.shuffle_vector(builder.and_(packed, _splat(_I8, 8, 15)), builder.lshr(packed, _splat(_I8, 8, 4)),
-                                 ir.Constant(_vector(_I32, 16), list(range(16))))
+    low = builder.shuffle_vector(
+        builder.and_(packed, _splat(_I8, 8, 15)),
+        builder.lshr(packed, _splat(_I8, 8, 4)),
+        ir.Constant(_vector(_I32, 16), list(range(16))),
+    )
     tops = _load(builder, block, 104, _I8, 4)
-    pairs = [builder.and_(builder.lshr(tops, _splat(_I8, 4, 2 * k)) if k else tops, _splat(_I8, 4, 3)) for k in range(4)]
-    high = builder.shuffle_vector(builder.shuffle_vector(pairs[0], pairs[1], ir.Constant(_vector(_I32, 8), list(range(8)))),
-                                  builder.shuffle_vector(pairs[2], pairs[3], ir.Constant(_vector(_I32, 8), list(range(8)))),
-                                  ir.Constant(_vector(_I32, 16), list(range(16))))
+    pairs = [
+        builder.and_(builder.lshr(tops, _splat(_I8, 4, 2 * k)) if k else tops, _splat(_I8, 4, 3)) for k in range(4)
+    ]
+    high = builder.shuffle_vector(
+        builder.shuffle_vector(pairs[0], pairs[1], ir.Constant(_vector(_I32, 8), list(range(8)))),
+        builder.shuffle_vector(pairs[2], pairs[3], ir.Constant(_vector(_I32, 8), list(range(8)))),
+        ir.Constant(_vector(_I32, 16), list(range(16))),
+    )
     unsigned = builder.or_(low, builder.shl(high, _splat(_I8, 16, 4)))
     return builder.sext(builder.sub(unsigned, _splat(_I8, 16, 32)), _vector(_I16, 16))
 
@@ -375,8 +390,13 @@ def _two_bit_codegen(with_third_bits):
                 total = builder.sub(total, builder.shl(_madd_words(builder, code_sums, scales), _splat(_I32, 8, 2)))
             _accumulate(builder, _acc_at(builder, acc, lanes * t), builder.fmul(d, d_x), total)
             if not with_third_bits:
-                _accumulate(builder, _acc_at(builder, acc, lanes * t + 8), builder.fmul(dmin, d_x),
-                            _madd_words(builder, code_sums, mins))
+                _accumulate(
+                    builder,
+                    _acc_at(builder, acc, lanes * t + 8),
+                    builder.fmul(dmin, d_x),
+                    _madd_words(builder, code_sums, mins),
+                )
+
     return codegen
 
 
@@ -386,8 +406,9 @@ def _nibbles_32(builder, block, offset):
     (vbroadcasti128, a load) and the upper half shifted by 4 (vpsrlvd): splicing a shifted copy
     in (vinserti128) cost one more op on the two shuffle ports, Q4_1's limit."""
     packed = _load(builder, block, offset, _I8, 16)
-    doubled = builder.bitcast(builder.shuffle_vector(packed, packed, ir.Constant(_vector(_I32, 32), list(range(16)) * 2)),
-                              _vector(_I32, 8))
+    doubled = builder.bitcast(
+        builder.shuffle_vector(packed, packed, ir.Constant(_vector(_I32, 32), list(range(16)) * 2)), _vector(_I32, 8)
+    )
     shifted = builder.lshr(doubled, ir.Constant(_vector(_I32, 8), [0] * 4 + [4] * 4))
     return builder.and_(builder.bitcast(shifted, _vector(_I8, 32)), _splat(_I8, 32, 15))
 
@@ -397,8 +418,13 @@ def _splatted_half(builder, pointer, offset):
     converted (inline assembly, for the reason _halves gives). Scaling a float32 scalar would
     need a 32-byte broadcast on the shuffle ports, which the blocks' codes keep busy."""
     convert = ir.FunctionType(_vector(_F32, 8), [_I8.as_pointer()])
-    return builder.asm(convert, "vpbroadcastw ($1), ${0:x}\n\tvcvtph2ps ${0:x}, $0", "=x,r",
-                       [_address(builder, pointer, offset)], side_effect=False)
+    return builder.asm(
+        convert,
+        "vpbroadcastw ($1), ${0:x}\n\tvcvtph2ps ${0:x}, $0",
+        "=x,r",
+        [_address(builder, pointer, offset)],
+        side_effect=False,
+    )
 
 
 def _times_splat(builder, vector, scalar):
@@ -437,9 +463,11 @@ def _legacy_codegen(bits_at, codes_at, value_offset):
             total = _madd_words(builder, pairs, _splat(_I16, 16, 1))
             if value_offset:
                 offset_sum = builder.mul(builder.load(rows.sums_at(t)), ir.Constant(_I32, value_offset))
-                total = builder.sub(total, builder.insert_element(
-                    ir.Constant(_vector(_I32, 8), None), offset_sum, ir.Constant(_I32, 0)))
+                total = builder.sub(
+                    total, builder.insert_element(ir.Constant(_vector(_I32, 8), None), offset_sum, ir.Constant(_I32, 0))
+                )
             _accumulate(builder, _acc_at(builder, acc, 8 * t), _times_splat(builder, d, rows.scale(t)), total)
+
     return codegen
 
 
@@ -460,32 +488,49 @@ def _q5_0_pair_codegen(builder, block, rows, count, acc):
     (_pair_activations). Per activation row, acc[0:4] gets d_A * d_x,A * (A's lane sums) and
     acc[4:8] the same for B: one conversion and one FMA for both blocks, where one block a
     time spends a 32-byte shuffle on its nibbles and another on its scale."""
-    packed = builder.shuffle_vector(_load(builder, block, 6, _I8, 16), _load(builder, block, 28, _I8, 16),
-                                    ir.Constant(_vector(_I32, 32), list(range(32))))
-    high_nibbles = builder.bitcast(builder.lshr(builder.bitcast(packed, _vector(_I16, 16)), _splat(_I16, 16, 4)),
-                                   _vector(_I8, 32))
+    packed = builder.shuffle_vector(
+        _load(builder, block, 6, _I8, 16),
+        _load(builder, block, 28, _I8, 16),
+        ir.Constant(_vector(_I32, 32), list(range(32))),
+    )
+    high_nibbles = builder.bitcast(
+        builder.lshr(builder.bitcast(packed, _vector(_I16, 16)), _splat(_I16, 16, 4)), _vector(_I8, 32)
+    )
     splat_words = ir.FunctionType(_vector(_I32, 8), [_I8.as_pointer()])
-    word_a, word_b = [builder.asm(splat_words, "vpbroadcastd ($1), $0", "=x,r", [_address(builder, block, offset)],
-                                  side_effect=False) for offset in (2, 24)]
+    word_a, word_b = [
+        builder.asm(splat_words, "vpbroadcastd ($1), $0", "=x,r", [_address(builder, block, offset)], side_effect=False)
+        for offset in (2, 24)
+    ]
     words = builder.shuffle_vector(word_a, word_b, ir.Constant(_vector(_I32, 8), [0, 1, 2, 3, 12, 13, 14, 15]))
-    values = [builder.or_(builder.and_(nibbles, _splat(_I8, 32, 15)), _fifth_bits(builder, words, half))
-              for half, nibbles in enumerate((packed, high_nibbles))]
+    values = [
+        builder.or_(builder.and_(nibbles, _splat(_I8, 32, 15)), _fifth_bits(builder, words, half))
+        for half, nibbles in enumerate((packed, high_nibbles))
+    ]
     broadcast = ir.FunctionType(_vector(_I16, 8), [_I8.as_pointer()])
-    halves = [builder.asm(broadcast, "vpbroadcastw ($1), $0", "=x,r", [_address(builder, block, offset)],
-                          side_effect=False) for offset in (0, 22)]
-    scales_ab = builder.shuffle_vector(halves[0], halves[1], ir.Constant(_vector(_I32, 8), [0, 1, 2, 3, 12, 13, 14, 15]))
+    halves = [
+        builder.asm(broadcast, "vpbroadcastw ($1), $0", "=x,r", [_address(builder, block, offset)], side_effect=False)
+        for offset in (0, 22)
+    ]
+    scales_ab = builder.shuffle_vector(
+        halves[0], halves[1], ir.Constant(_vector(_I32, 8), [0, 1, 2, 3, 12, 13, 14, 15])
+    )
     weight_scales = builder.fpext(builder.bitcast(scales_ab, _vector(ir.HalfType(), 8)), _vector(_F32, 8))
     for t in range(count):
         codes = rows.codes_at(t)
-        pairs = builder.add(_madd_unsigned_signed(builder, values[0], _load(builder, codes, 0, _I8, 32)),
-                            _madd_unsigned_signed(builder, values[1], _load(builder, codes, 32, _I8, 32)))
-        total = builder.sub(_madd_words(builder, pairs, _splat(_I16, 16, 1)), _load(builder, rows.sums_at(t), 0, _I32, 8))
+        pairs = builder.add(
+            _madd_unsigned_signed(builder, values[0], _load(builder, codes, 0, _I8, 32)),
+            _madd_unsigned_signed(builder, values[1], _load(builder, codes, 32, _I8, 32)),
+        )
+        total = builder.sub(
+            _madd_words(builder, pairs, _splat(_I16, 16, 1)), _load(builder, rows.sums_at(t), 0, _I32, 8)
+        )
         _accumulate(builder, _acc_at(builder, acc, 8 * t), builder.fmul(weight_scales, rows.lane_scales(t)), total)
 
 
 def _offset_codegen(bits_at, codes_at):
     def codegen(builder, block, rows, count, acc):
         _codes_with_minimum(builder, block, rows, count, acc, bits_at, codes_at)
+
     return codegen
 
 
@@ -520,8 +565,9 @@ def _tq2_0_codegen(builder, block, rows, count, acc):
     plain, fourfold = [], []
     for c in range(2):
         packed = _load(builder, block, 32 * c, _I8, 32)
-        shifted = builder.bitcast(builder.lshr(builder.bitcast(packed, _vector(_I16, 16)), _splat(_I16, 16, 4)),
-                                  _vector(_I8, 32))
+        shifted = builder.bitcast(
+            builder.lshr(builder.bitcast(packed, _vector(_I16, 16)), _splat(_I16, 16, 4)), _vector(_I8, 32)
+        )
         for nibble in (packed, shifted):
             plain.append(builder.and_(nibble, _splat(_I8, 32, 3)))
             fourfold.append(builder.and_(nibble, _splat(_I8, 32, 12)))
@@ -536,12 +582,16 @@ def _tq2_0_codegen(builder, block, rows, count, acc):
         for values, offsets in ((plain, plain_at), (fourfold, fourfold_at)):
             pairs = ir.Constant(_vector(_I16, 16), None)
             for value, offset in zip(values, offsets):
-                pairs = builder.add(pairs, _madd_unsigned_signed(builder, value, _load(builder, codes, offset, _I8, 32)))
+                pairs = builder.add(
+                    pairs, _madd_unsigned_signed(builder, value, _load(builder, codes, offset, _I8, 32))
+                )
             sums.append(pairs)
         pairs = builder.add(sums[0], builder.ashr(sums[1], _splat(_I16, 16, 2)))
         total = _madd_words(builder, pairs, _splat(_I16, 16, 1))
         offsets = _madd_words(builder, _load(builder, rows.sums_at(t), 0, _I16, 16), _splat(_I16, 16, 1))
-        _accumulate(builder, _acc_at(builder, acc, 8 * t), _times_splat(builder, d, rows.scale(t)), builder.sub(total, offsets))
+        _accumulate(
+            builder, _acc_at(builder, acc, 8 * t), _times_splat(builder, d, rows.scale(t)), builder.sub(total, offsets)
+        )
 
 
 # TQ1_0 (54 bytes): 48 bytes of five base-3 digits each, 4 bytes of four, f16 d. Digit n of a
@@ -564,8 +614,10 @@ def _tq1_0_codegen(builder, block, rows, count, acc):
                 # times 3, modulo 256: byte adds wrap
                 powers = builder.add(builder.add(powers, powers), powers)
             # floor(3t / 256) is 1 from t = 86 and 2 from t = 171.
-            digit = builder.add(builder.zext(builder.icmp_unsigned(">=", powers, _splat(_I8, 32, 86)), _vector(_I8, 32)),
-                                builder.zext(builder.icmp_unsigned(">=", powers, _splat(_I8, 32, 171)), _vector(_I8, 32)))
+            digit = builder.add(
+                builder.zext(builder.icmp_unsigned(">=", powers, _splat(_I8, 32, 86)), _vector(_I8, 32)),
+                builder.zext(builder.icmp_unsigned(">=", powers, _splat(_I8, 32, 171)), _vector(_I8, 32)),
+            )
             digits.append(digit)
     d = _splatted_half(builder, block, 52)
     for t in range(count):
@@ -576,7 +628,9 @@ def _tq1_0_codegen(builder, block, rows, count, acc):
             pairs = builder.add(pairs, _madd_unsigned_signed(builder, digit, _load(builder, codes, 32 * i, _I8, 32)))
         total = _madd_words(builder, pairs, _splat(_I16, 16, 1))
         offsets = _madd_words(builder, _load(builder, rows.sums_at(t), 0, _I16, 16), _splat(_I16, 16, 1))
-        _accumulate(builder, _acc_at(builder, acc, 8 * t), _times_splat(builder, d, rows.scale(t)), builder.sub(total, offsets))
+        _accumulate(
+            builder, _acc_at(builder, acc, 8 * t), _times_splat(builder, d, rows.scale(t)), builder.sub(total, offsets)
+        )
 
 
 _Q4_0, _Q5_0, _Q8_0, _Q4_K, _Q6_K, _Q4_1, _TQ2_0, _Q5_0_PAIRS, _Q5_K, _Q2_K, _Q3_K, _Q5_1, _TQ1_0 = range(13)
@@ -621,6 +675,7 @@ def _dot_blocks(typingctx, kind, count, weights, offset, codes, sums, scales, fi
         _prefetch_ahead(builder, block, block_bytes)
         generate(builder, block, rows, rows_in_tile, acc_pointer)
         return context.get_dummy_value()
+
     return types.void(kind, count, weights, offset, codes, sums, scales, first, n_blocks, k, acc), codegen
 
 
@@ -629,7 +684,8 @@ def _finish(kind, acc, lane):
     """The product from one activation row's accumulator lanes at acc[lane:], summed in the
     order of ggml's hsum_float_8."""
     total = ((acc[lane] + acc[lane + 4]) + (acc[lane + 2] + acc[lane + 6])) + (
-        (acc[lane + 1] + acc[lane + 5]) + (acc[lane + 3] + acc[lane + 7]))
+        (acc[lane + 1] + acc[lane + 5]) + (acc[lane + 3] + acc[lane + 7])
+    )
     if kind == _Q4_K or kind == _Q5_K or kind == _Q2_K:
         shifted = np.float32(0.0)
         for j in range(8):
@@ -705,9 +761,9 @@ def _pair_activations(codes, scales, sums, value_offset):
                 for b in range(2):
                     source = 64 * p + 32 * b + 16 * half
                     target = 64 * p + 32 * half + 16 * b
-                    paired[i, target:target + 16] = codes[i, source:source + 16]
+                    paired[i, target : target + 16] = codes[i, source : source + 16]
             for b in range(2):
-                lane_scales[i, 8 * p + 4 * b:8 * p + 4 * b + 4] = scales[i, 2 * p + b]
+                lane_scales[i, 8 * p + 4 * b : 8 * p + 4 * b + 4] = scales[i, 2 * p + b]
                 lane_offsets[i, 8 * p + 4 * b] = value_offset * sums[i, 2 * p + b]
     return paired, lane_scales, lane_offsets
 
@@ -783,11 +839,15 @@ def _tq1_0_activations(codes):
             source = 256 * b
             target = _TQ1_0_ACTIVATION_BYTES * b
             for digit in range(5):
-                laid_out[i, target + 32 * digit:target + 32 * digit + 32] = codes[i, source + 32 * digit:source + 32 * digit + 32]
+                laid_out[i, target + 32 * digit : target + 32 * digit + 32] = codes[
+                    i, source + 32 * digit : source + 32 * digit + 32
+                ]
                 second = target + 160 + 32 * digit
-                laid_out[i, second + 10:second + 26] = codes[i, source + 160 + 16 * digit:source + 176 + 16 * digit]
+                laid_out[i, second + 10 : second + 26] = codes[i, source + 160 + 16 * digit : source + 176 + 16 * digit]
                 if digit < 4:
-                    laid_out[i, second + 26:second + 30] = codes[i, source + 240 + 4 * digit:source + 244 + 4 * digit]
+                    laid_out[i, second + 26 : second + 30] = codes[
+                        i, source + 240 + 4 * digit : source + 244 + 4 * digit
+                    ]
     return laid_out
 
 
@@ -808,8 +868,16 @@ Q = GGMLQuantizationType
 # (activations.codes_of, ggml's Q8_0 / Q8_1 / Q8_K for the format) and multiplied, in one call.
 # One kernel serves matvec (n = 1) and matmul.
 KERNELS = {
-    Q.Q4_0: products_q4_0, Q.Q4_1: products_q4_1, Q.Q5_0: products_q5_0, Q.Q5_1: products_q5_1,
+    Q.Q4_0: products_q4_0,
+    Q.Q4_1: products_q4_1,
+    Q.Q5_0: products_q5_0,
+    Q.Q5_1: products_q5_1,
     Q.Q8_0: products_q8_0,
-    Q.Q2_K: products_q2_k, Q.Q3_K: products_q3_k, Q.Q4_K: products_q4_k, Q.Q5_K: products_q5_k, Q.Q6_K: products_q6_k,
-    Q.TQ1_0: products_tq1_0, Q.TQ2_0: products_tq2_0,
+    Q.Q2_K: products_q2_k,
+    Q.Q3_K: products_q3_k,
+    Q.Q4_K: products_q4_k,
+    Q.Q5_K: products_q5_k,
+    Q.Q6_K: products_q6_k,
+    Q.TQ1_0: products_tq1_0,
+    Q.TQ2_0: products_tq2_0,
 }

@@ -121,9 +121,9 @@ def _decode_q4_k(row, o, w):
         d2 = d * np.float32(sc2)
         min1 = dmin * np.float32(m1)
         min2 = dmin * np.float32(m2)
-        qs = row[o + 16 + 32 * j:o + 48 + 32 * j]
-        low = w[64 * j:64 * j + 32]
-        high = w[64 * j + 32:64 * j + 64]
+        qs = row[o + 16 + 32 * j : o + 48 + 32 * j]
+        low = w[64 * j : 64 * j + 32]
+        high = w[64 * j + 32 : 64 * j + 64]
         for l in range(32):
             low[l] = d1 * np.float32(qs[l] & 0xF) - min1
             high[l] = d2 * np.float32(qs[l] >> 4) - min2
@@ -159,21 +159,24 @@ def _decode_q6_k(row, o, w):
             d2 = d * np.float32(np.int8(row[s + 2]))
             d3 = d * np.float32(np.int8(row[s + 4]))
             d4 = d * np.float32(np.int8(row[s + 6]))
-            low = row[o + 64 * h + 16 * g:o + 64 * h + 16 * g + 16]
-            high = row[o + 64 * h + 32 + 16 * g:o + 64 * h + 48 + 16 * g]
-            top = row[o + 128 + 32 * h + 16 * g:o + 128 + 32 * h + 16 * g + 16]
+            low = row[o + 64 * h + 16 * g : o + 64 * h + 16 * g + 16]
+            high = row[o + 64 * h + 32 + 16 * g : o + 64 * h + 48 + 16 * g]
+            top = row[o + 128 + 32 * h + 16 * g : o + 128 + 32 * h + 16 * g + 16]
             p = 128 * h + 16 * g
-            w1 = w[p:p + 16]
-            w2 = w[p + 32:p + 48]
-            w3 = w[p + 64:p + 80]
-            w4 = w[p + 96:p + 112]
+            w1 = w[p : p + 16]
+            w2 = w[p + 32 : p + 48]
+            w3 = w[p + 64 : p + 80]
+            w4 = w[p + 96 : p + 112]
             for l in range(16):
                 a, b, t = low[l], high[l], top[l]
                 w1[l] = d1 * (np.float32(a & 0xF) + np.float32(t & 3) * np.float32(16.0) - np.float32(32.0))
                 w2[l] = d2 * (np.float32(b & 0xF) + np.float32(t & 12) * np.float32(4.0) - np.float32(32.0))
                 w3[l] = d3 * (np.float32(a & 0xF0) * np.float32(0.0625) + np.float32(t & 48) - np.float32(32.0))
-                w4[l] = d4 * (np.float32(b & 0xF0) * np.float32(0.0625) + np.float32(t & 192) * np.float32(0.25)
-                              - np.float32(32.0))
+                w4[l] = d4 * (
+                    np.float32(b & 0xF0) * np.float32(0.0625)
+                    + np.float32(t & 192) * np.float32(0.25)
+                    - np.float32(32.0)
+                )
 
 
 @njit(cache=True, nogil=True)
@@ -238,7 +241,7 @@ def _decode(kind, row, o, w):
 def _dequantize_row(row, target, kind):
     block_bytes = _BLOCK_BYTES[kind]
     for k in range(row.shape[0] // block_bytes):
-        _decode(kind, row, k * block_bytes, target[k * QK_K:(k + 1) * QK_K])
+        _decode(kind, row, k * block_bytes, target[k * QK_K : (k + 1) * QK_K])
 
 
 @njit(cache=True, nogil=True)
@@ -285,8 +288,8 @@ def _matmul_tile(raw, X, out, tile, kind):
         xo = k * QK_K
         # Two activation rows at a time: six loads feed eight FMAs.
         for i in range(0, n - 1, 2):
-            xa = X[i, xo:xo + QK_K]
-            xb = X[i + 1, xo:xo + QK_K]
+            xa = X[i, xo : xo + QK_K]
+            xb = X[i + 1, xo : xo + QK_K]
             a0 = np.float32(0.0)
             a1 = np.float32(0.0)
             a2 = np.float32(0.0)
@@ -315,7 +318,7 @@ def _matmul_tile(raw, X, out, tile, kind):
             acc[i + 1, 2] += b2
             acc[i + 1, 3] += b3
         if n % 2:
-            xa = X[n - 1, xo:xo + QK_K]
+            xa = X[n - 1, xo : xo + QK_K]
             a0 = np.float32(0.0)
             a1 = np.float32(0.0)
             a2 = np.float32(0.0)
@@ -395,8 +398,9 @@ def matvec_q4_k(raw, x, out):
                     f_high = d * scales[2 * j + 1] * np.float32(1 / 16)
                     for l in range(32):
                         v = p[qo + l]
-                        lanes[l] += (np.float32(v & 0xF) * f_low) * xp[xo + l] + (
-                            np.float32(v & 0xF0) * f_high) * xp[xo + 32 + l]
+                        lanes[l] += (np.float32(v & 0xF) * f_low) * xp[xo + l] + (np.float32(v & 0xF0) * f_high) * xp[
+                            xo + 32 + l
+                        ]
             total = np.float32(0.0)
             for l in range(32):
                 total += lanes[l]
@@ -458,9 +462,15 @@ def matvec_q6_k(raw, x, out):
                                 b = p[ql + 32 + b0 + l]
                                 hb = p[qh + b0 + l]
                                 lanes[l] += (np.float32(a & 0xF) * f1 + np.float32(hb & 3) * e1) * xp[xo + b0 + l]
-                                lanes[8 + l] += (np.float32(b & 0xF) * f2 + np.float32(hb & 12) * e2) * xp[xo + 32 + b0 + l]
-                                lanes[16 + l] += (np.float32(a & 0xF0) * f3 + np.float32(hb & 48) * e3) * xp[xo + 64 + b0 + l]
-                                lanes[24 + l] += (np.float32(b & 0xF0) * f4 + np.float32(hb & 192) * e4) * xp[xo + 96 + b0 + l]
+                                lanes[8 + l] += (np.float32(b & 0xF) * f2 + np.float32(hb & 12) * e2) * xp[
+                                    xo + 32 + b0 + l
+                                ]
+                                lanes[16 + l] += (np.float32(a & 0xF0) * f3 + np.float32(hb & 48) * e3) * xp[
+                                    xo + 64 + b0 + l
+                                ]
+                                lanes[24 + l] += (np.float32(b & 0xF0) * f4 + np.float32(hb & 192) * e4) * xp[
+                                    xo + 96 + b0 + l
+                                ]
             total = np.float32(0.0)
             for l in range(8):
                 total += (lanes[l] + lanes[8 + l]) + (lanes[16 + l] + lanes[24 + l])
@@ -494,10 +504,12 @@ def matvec_tq2_0(raw, x, out):
                     xo = k * QK_K + 128 * h
                     for l in range(32):
                         v = row[o + 32 * h + l]
-                        lanes[l] += ((np.float32(v & 3) * d) * x[xo + l]
-                                     + (np.float32(v & 12) * d1) * x[xo + 32 + l]
-                                     + (np.float32(v & 48) * d2) * x[xo + 64 + l]
-                                     + (np.float32(v & 192) * d3) * x[xo + 96 + l])
+                        lanes[l] += (
+                            (np.float32(v & 3) * d) * x[xo + l]
+                            + (np.float32(v & 12) * d1) * x[xo + 32 + l]
+                            + (np.float32(v & 48) * d2) * x[xo + 64 + l]
+                            + (np.float32(v & 192) * d3) * x[xo + 96 + l]
+                        )
             total = np.float32(0.0)
             for l in range(32):
                 total += lanes[l]

@@ -48,8 +48,12 @@ _ACTIVATION_TILE = 4
 @njit(nogil=True, inline="always")
 def _high_bits(row, offset):
     """The little-endian u32 of fifth bits at row[offset:] (an array or a raw pointer)."""
-    return (np.uint32(row[offset]) | (np.uint32(row[offset + 1]) << np.uint32(8))
-            | (np.uint32(row[offset + 2]) << np.uint32(16)) | (np.uint32(row[offset + 3]) << np.uint32(24)))
+    return (
+        np.uint32(row[offset])
+        | (np.uint32(row[offset + 1]) << np.uint32(8))
+        | (np.uint32(row[offset + 2]) << np.uint32(16))
+        | (np.uint32(row[offset + 3]) << np.uint32(24))
+    )
 
 
 @njit(cache=True, nogil=True)
@@ -114,8 +118,7 @@ def _pair(kind, p, codes, h, xp, xo, j):
     """Values j and j + 16 of the block whose codes start at p[codes], times x, before the
     block scale (xp in the xs layout for the nibble formats, plain x for Q8_0)."""
     if kind == _Q8_0:
-        return (np.float32(np.int8(p[codes + j])) * xp[xo + j]
-                + np.float32(np.int8(p[codes + 16 + j])) * xp[xo + 16 + j])
+        return np.float32(np.int8(p[codes + j])) * xp[xo + j] + np.float32(np.int8(p[codes + 16 + j])) * xp[xo + 16 + j]
     if kind == _Q5_0 or kind == _Q5_1:
         return _q5_block(p, codes, h, xp, xo, j)
     q = p[codes + j]
@@ -256,8 +259,8 @@ def _decode_q4_0(row, out):
     for b in range(out.shape[0] // BLOCK):
         o = b * 18
         d = load_half(row, o)
-        qs = row[o + 2:o + 18]
-        values = out[b * BLOCK:(b + 1) * BLOCK]
+        qs = row[o + 2 : o + 18]
+        values = out[b * BLOCK : (b + 1) * BLOCK]
         for j in range(16):
             values[j] = d * np.float32(np.int32(qs[j] & 15) - 8)
             values[16 + j] = d * np.float32(np.int32(qs[j] >> 4) - 8)
@@ -288,8 +291,8 @@ def _decode_q4_1(row, out):
         o = b * 20
         d = load_half(row, o)
         m = load_half(row, o + 2)
-        qs = row[o + 4:o + 20]
-        values = out[b * BLOCK:(b + 1) * BLOCK]
+        qs = row[o + 4 : o + 20]
+        values = out[b * BLOCK : (b + 1) * BLOCK]
         for j in range(16):
             values[j] = d * np.float32(qs[j] & 15) + m
             values[16 + j] = d * np.float32(qs[j] >> 4) + m
@@ -320,8 +323,8 @@ def _decode_q5_0(row, out):
         o = b * 22
         d = load_half(row, o)
         high = _high_bits(row, o + 2)
-        qs = row[o + 6:o + 22]
-        values = out[b * BLOCK:(b + 1) * BLOCK]
+        qs = row[o + 6 : o + 22]
+        values = out[b * BLOCK : (b + 1) * BLOCK]
         for j in range(16):
             q = np.uint32(qs[j])
             low = (q & 15) | (((high >> j) & 1) << 4)
@@ -356,8 +359,8 @@ def _decode_q5_1(row, out):
         d = load_half(row, o)
         m = load_half(row, o + 2)
         high = _high_bits(row, o + 4)
-        qs = row[o + 8:o + 24]
-        values = out[b * BLOCK:(b + 1) * BLOCK]
+        qs = row[o + 8 : o + 24]
+        values = out[b * BLOCK : (b + 1) * BLOCK]
         for j in range(16):
             q = np.uint32(qs[j])
             low = (q & 15) | (((high >> j) & 1) << 4)
@@ -390,8 +393,8 @@ def _decode_q8_0(row, out):
     for b in range(out.shape[0] // BLOCK):
         o = b * 34
         d = load_half(row, o)
-        qs = row[o + 2:o + 34]
-        values = out[b * BLOCK:(b + 1) * BLOCK]
+        qs = row[o + 2 : o + 34]
+        values = out[b * BLOCK : (b + 1) * BLOCK]
         for j in range(BLOCK):
             values[j] = np.float32(np.int8(qs[j])) * d
 

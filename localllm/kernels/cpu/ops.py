@@ -356,8 +356,10 @@ def warm_up_ops() -> None:
         positions = np.arange(n, dtype=np.int32)
         for neox in (False, True):
             rope(np.zeros((n, 1, 64), dtype=np.float32), positions, n_rot=64, base=10000.0, neox=neox)
+    # The KV cache is f16 by default, float32 on request: both are compiled.
     for n in (1, 3):
         positions = np.arange(n, dtype=np.int32)
         q = rng.standard_normal((n, 2, 8), dtype=np.float32)
-        kv = rng.standard_normal((n, 1, 8), dtype=np.float32)
-        attention(q, kv, kv, positions, positions, scale=0.35)
+        for kv_dtype in (np.float16, np.float32):
+            kv = rng.standard_normal((n, 1, 8)).astype(kv_dtype)
+            attention(q, kv, kv, positions, positions, scale=0.35)

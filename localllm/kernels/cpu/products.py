@@ -80,12 +80,15 @@ def _check_weight(weight) -> tuple[np.ndarray, GGMLQuantizationType, int, int]:
         raise KernelError(f"{name}: raw data must be C-contiguous")
     block_size, type_size = GGML_QUANT_SIZES[qtype]
     if cols <= 0 or cols % block_size:
-        raise KernelError(f"{name}: {cols} columns is not a positive multiple of the "
-                          f"{_type_name(qtype)} block size {block_size}")
+        raise KernelError(
+            f"{name}: {cols} columns is not a positive multiple of the {_type_name(qtype)} block size {block_size}"
+        )
     row_bytes = cols // block_size * type_size
     if raw.shape != (rows, row_bytes):
-        raise KernelError(f"{name}: raw data is {raw.shape[0]}x{raw.shape[1]} bytes, but {rows} rows of "
-                          f"{cols} {_type_name(qtype)} values need {rows}x{row_bytes}")
+        raise KernelError(
+            f"{name}: raw data is {raw.shape[0]}x{raw.shape[1]} bytes, but {rows} rows of "
+            f"{cols} {_type_name(qtype)} values need {rows}x{row_bytes}"
+        )
     if raw.flags.writeable:
         # The kernels take read-only bytes, as a model's weights (views of a read-only map) are:
         # writable ones would compile every kernel a second time.
@@ -169,8 +172,7 @@ def embed(weight, ids, out: np.ndarray | None = None) -> np.ndarray:
     ids = np.ascontiguousarray(ids, dtype=np.int64)
     if ids.size and (ids.min() < 0 or ids.max() >= rows):
         bad = ids[(ids < 0) | (ids >= rows)][0]
-        raise KernelError(f"id {bad} is out of range for {getattr(weight, 'name', 'the weight')} "
-                          f"with {rows} rows")
+        raise KernelError(f"id {bad} is out of range for {getattr(weight, 'name', 'the weight')} with {rows} rows")
     out = _check_out(out, (ids.shape[0], cols))
     KERNELS[qtype][2](raw, ids, out)
     return out

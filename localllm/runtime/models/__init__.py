@@ -11,9 +11,10 @@ import pkgutil
 from functools import cache
 
 from localllm.errors import GGUFError, ModelError
-from localllm.runtime.models.base import Model, kv_bytes_per_token, source_name
+from localllm.runtime.cache import CacheLayout
+from localllm.runtime.models.base import DEFAULT_MAX_ROLLBACK, PREFILL_BLOCK, Model, read_hparams, source_name
 
-__all__ = ["Model", "architectures", "kv_bytes_per_token", "load_model"]
+__all__ = ["Model", "architectures", "cache_layout", "kv_bytes_per_token", "load_model"]
 
 
 @cache
@@ -23,6 +24,30 @@ def architectures() -> dict[str, type[Model]]:
         module = importlib.import_module(f"{__name__}.{module_info.name}")
         found.update(getattr(module, "ARCHITECTURES", {}))
     return found
+
+
+def cache_layout(metadata: dict, source: str = "metadata") -> CacheLayout:
+    """The KV cache layout of the model `metadata` describes, without loading its weights."""
+    arch = metadata.get("general.architecture")
+    model_class = architectures().get(arch)
+    if model_class is None:
+        raise ModelError(f"unsupported architecture {arch!r} in {source}")
+    hp = read_hparams(metadata, source, n_vocab=0)
+    return CacheLayout(
+        n_layer=hp.n_layer,
+        n_head_kv=hp.n_head_kv,
+        head_dim_k=hp.head_dim_k,
+        head_dim_v=hp.head_dim_v,
+        windows=tuple(model_class.windows_for(metadata, hp.n_layer, source)),
+        max_append=PREFILL_BLOCK,
+        max_rollback=DEFAULT_MAX_ROLLBACK,
+    )
+
+
+def kv_bytes_per_token(metadata: dict, kv_dtype: str = "f16") -> int:
+    """Bytes of KV cache stored as `kv_dtype` ("f16" or "f32") that one token costs across all
+    layers of the model described by metadata."""
+    return cache_layout(metadata).bytes_per_token(kv_dtype)
 
 
 def load_model(gguf_file, path=None) -> Model:

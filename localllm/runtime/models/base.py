@@ -13,9 +13,9 @@ from pathlib import Path
 
 import numpy as np
 
-from localllm.errors import GGUFError, ModelError
+from localllm.errors import CancelledError, GGUFError, ModelError
 from localllm.kernels import cpu as kernels
-from localllm.runtime.cache import KVCache
+from localllm.runtime.cache import CacheLayout, CacheSpec, KVCache, new_cache
 
 # Prompts are processed in blocks of this many tokens: big enough that matmul amortises
 # reading each weight, small enough that the activations of a block stay modest.
@@ -98,22 +98,6 @@ def _rope_freq_scale(metadata: dict, arch: str, source: str) -> float:
     raise ModelError(f"unsupported RoPE scaling {kind!r} in {source}")
 
 
-def kv_bytes_per_token(metadata: dict) -> int:
-    """Bytes of float32 KV cache one token costs across all layers of the model described by metadata."""
-    arch = metadata.get("general.architecture")
-    if not arch:
-        raise ModelError("metadata has no general.architecture")
-
-    def get(suffix, default=None):
-        return _meta(metadata, f"{arch}.{suffix}", "metadata", default)
-
-    n_head = int(get("attention.head_count"))
-    n_head_kv = int(get("attention.head_count_kv", n_head))
-    head_dim_k = int(get("attention.key_length", int(get("embedding_length")) // n_head))
-    head_dim_v = int(get("attention.value_length", head_dim_k))
-    return int(get("block_count")) * n_head_kv * (head_dim_k + head_dim_v) * 4
-
-
 class Weights:
     """Looks tensors up by name, turning a missing or misshapen one into a ModelError."""
 
@@ -174,29 +158,41 @@ class Model(ABC):
     def n_vocab(self) -> int:
         return self.hparams.n_vocab
 
-    def layer_windows(self) -> list[int]:
-        """Sliding-window size per layer; 0 means the layer attends to the whole context."""
-        return [0] * self.hparams.n_layer
+    @classmethod
+    def windows_for(cls, metadata: dict, n_layer: int, source: str) -> list[int]:
+        """Sliding-window size per layer of the model `metadata` describes; 0: the whole context."""
+        return [0] * n_layer
 
-    def new_cache(self, n_ctx: int, max_rollback: int = DEFAULT_MAX_ROLLBACK) -> KVCache:
-        """An empty cache for up to n_ctx tokens, able to `truncate` back by max_rollback."""
+    def layer_windows(self) -> list[int]:
+        return self.windows_for(self.gguf.metadata, self.hparams.n_layer, "metadata")
+
+    def cache_layout(self, max_rollback: int = DEFAULT_MAX_ROLLBACK) -> CacheLayout:
         hp = self.hparams
-        return KVCache(
+        return CacheLayout(
             n_layer=hp.n_layer,
             n_head_kv=hp.n_head_kv,
             head_dim_k=hp.head_dim_k,
             head_dim_v=hp.head_dim_v,
-            n_ctx=n_ctx,
-            windows=self.layer_windows(),
+            windows=tuple(self.layer_windows()),
             max_append=PREFILL_BLOCK,
             max_rollback=max_rollback,
         )
 
-    def forward(self, tokens, cache: KVCache, all_logits: bool = False) -> np.ndarray:
+    def new_cache(self, spec: CacheSpec | int, max_rollback: int = DEFAULT_MAX_ROLLBACK) -> KVCache:
+        """An empty cache (`spec`, or an int: the full policy with that n_ctx), able to
+        `truncate` back by max_rollback."""
+        if not isinstance(spec, CacheSpec):
+            spec = CacheSpec(n_ctx=spec)
+        return new_cache(self.cache_layout(max_rollback), spec)
+
+    def forward(self, tokens, cache: KVCache, all_logits: bool = False, cancel=None, progress=None) -> np.ndarray:
         """Run `tokens` at the cache's next positions and append them to the cache.
 
         Returns float32 logits of shape (len(tokens), n_vocab) when all_logits, else the
-        logits of the last token, shape (n_vocab,).
+        logits of the last token, shape (n_vocab,). Long inputs run in blocks: `cancel` (a
+        threading.Event) is checked before each block after the first, raising CancelledError
+        with the blocks done so far left in the cache, and `progress(done, total)` is called
+        after each block with the tokens done.
         """
         ids = np.asarray(tokens, dtype=np.int64).reshape(-1)
         if ids.size == 0:
@@ -207,9 +203,13 @@ class Model(ABC):
         cache.check_room(ids.size)
         outputs = []
         for start in range(0, ids.size, PREFILL_BLOCK):
+            if start and cancel is not None and cancel.is_set():
+                raise CancelledError(f"cancelled after {start} of {ids.size} tokens")
             block = ids[start : start + PREFILL_BLOCK]
             is_last = start + PREFILL_BLOCK >= ids.size
             hidden = self._run_block(block, cache)
+            if progress is not None:
+                progress(start + block.size, ids.size)
             if all_logits:
                 outputs.append(self._head(hidden))
             elif is_last:
@@ -228,6 +228,27 @@ class Model(ABC):
     def _head(self, hidden: np.ndarray) -> np.ndarray:
         normed = kernels.rms_norm(hidden, self.output_norm, self.hparams.rms_eps)
         return self.linear(self.output, normed)
+
+    def attend(self, i: int, q, k, v, positions, cache: KVCache, rotate) -> np.ndarray:
+        """Rotate q and k (`rotate(x, positions)` applies the layer's RoPE in place), store k
+        and v in the cache and attend over layer i's entries; returns (n, n_head, head_dim_v)."""
+        sink_positions = cache.sink_query_positions(i)
+        q_sink = rotate(q.copy(), sink_positions) if sink_positions is not None else None
+        rotate(q, positions)
+        rotate(k, positions)
+        cache.write(i, k, v)
+        view = cache.view(i)
+        return kernels.attention(
+            q,
+            view.keys,
+            view.values,
+            positions,
+            view.positions,
+            scale=self.scale,
+            window=view.window,
+            q_sink=q_sink,
+            n_sink=view.n_sink,
+        )
 
     def linear(self, weight, x: np.ndarray) -> np.ndarray:
         """x (n, cols) times weight transposed: matvec for a single row, matmul for a block."""

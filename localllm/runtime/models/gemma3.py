@@ -48,12 +48,7 @@ class Gemma3Model(Model):
         weights = Weights(gguf_file, source)
         super().__init__(gguf_file, hp, weights)
         self.embedding_scale = math.sqrt(hp.n_embd)
-        window = int(gguf_file.metadata.get("gemma3.attention.sliding_window", 0))
-        if window < 0:
-            raise ModelError(f"gemma3.attention.sliding_window is negative in {source}")
-        self.windows = [
-            window if window and i % SLIDING_PATTERN < SLIDING_PATTERN - 1 else 0 for i in range(hp.n_layer)
-        ]
+        self.windows = self.windows_for(gguf_file.metadata, hp.n_layer, source)
         if hp.n_layer == BLOCK_COUNT_27B:
             self.scale = 1.0 / math.sqrt(hp.n_embd / hp.n_head)
         else:
@@ -81,17 +76,27 @@ class Gemma3Model(Model):
                 )
             )
 
+    @classmethod
+    def windows_for(cls, metadata: dict, n_layer: int, source: str) -> list[int]:
+        window = int(metadata.get("gemma3.attention.sliding_window", 0))
+        if window < 0:
+            raise ModelError(f"gemma3.attention.sliding_window is negative in {source}")
+        return [window if window and i % SLIDING_PATTERN < SLIDING_PATTERN - 1 else 0 for i in range(n_layer)]
+
     def layer_windows(self) -> list[int]:
         return list(self.windows)
+
+    def _rotate_local(self, x, positions):
+        return kernels.rope(x, positions, n_rot=self.hparams.n_rot, base=LOCAL_ROPE_BASE, neox=True)
+
+    def _rotate_global(self, x, positions):
+        hp = self.hparams
+        return kernels.rope(x, positions, n_rot=hp.n_rot, base=hp.rope_base, freq_scale=hp.rope_freq_scale, neox=True)
 
     def _layer(self, i, x, positions, cache):
         hp, layer = self.hparams, self.layers[i]
         n = x.shape[0]
-        window = self.windows[i]
-        if window:
-            base, freq_scale = LOCAL_ROPE_BASE, 1.0
-        else:
-            base, freq_scale = hp.rope_base, hp.rope_freq_scale
+        rotate = self._rotate_local if self.windows[i] else self._rotate_global
 
         h = kernels.rms_norm(x, layer.attn_norm, hp.rms_eps)
         q = self.linear(layer.wq, h).reshape(n, hp.n_head, hp.head_dim_k)
@@ -99,11 +104,7 @@ class Gemma3Model(Model):
         v = self.linear(layer.wv, h).reshape(n, hp.n_head_kv, hp.head_dim_v)
         q = kernels.rms_norm(q, layer.q_norm, hp.rms_eps)
         k = kernels.rms_norm(k, layer.k_norm, hp.rms_eps)
-        kernels.rope(q, positions, n_rot=hp.n_rot, base=base, freq_scale=freq_scale, neox=True)
-        kernels.rope(k, positions, n_rot=hp.n_rot, base=base, freq_scale=freq_scale, neox=True)
-        cache.write(i, k, v)
-        keys, values, key_positions = cache.view(i)
-        attn = kernels.attention(q, keys, values, positions, key_positions, scale=self.scale, window=window)
+        attn = self.attend(i, q, k, v, positions, cache, rotate)
         attn_out = self.linear(layer.wo, attn.reshape(n, hp.n_head * hp.head_dim_v))
         x += kernels.rms_norm(attn_out, layer.post_attn_norm, hp.rms_eps)
 

@@ -67,6 +67,12 @@ class LlamaModel(Model):
                 )
             )
 
+    def _rotate(self, x, positions):
+        hp = self.hparams
+        return kernels.rope(
+            x, positions, n_rot=hp.n_rot, base=hp.rope_base, freq_scale=hp.rope_freq_scale, neox=self.neox
+        )
+
     def _layer(self, i, x, positions, cache):
         hp, layer = self.hparams, self.layers[i]
         n = x.shape[0]
@@ -81,11 +87,7 @@ class LlamaModel(Model):
         q = q.reshape(n, hp.n_head, hp.head_dim_k)
         k = k.reshape(n, hp.n_head_kv, hp.head_dim_k)
         v = v.reshape(n, hp.n_head_kv, hp.head_dim_v)
-        kernels.rope(q, positions, n_rot=hp.n_rot, base=hp.rope_base, freq_scale=hp.rope_freq_scale, neox=self.neox)
-        kernels.rope(k, positions, n_rot=hp.n_rot, base=hp.rope_base, freq_scale=hp.rope_freq_scale, neox=self.neox)
-        cache.write(i, k, v)
-        keys, values, key_positions = cache.view(i)
-        attn = kernels.attention(q, keys, values, positions, key_positions, scale=self.scale)
+        attn = self.attend(i, q, k, v, positions, cache, self._rotate)
         x += self.linear(layer.wo, attn.reshape(n, hp.n_head * hp.head_dim_v))
 
         h = kernels.rms_norm(x, layer.ffn_norm, hp.rms_eps)

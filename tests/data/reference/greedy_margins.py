@@ -49,14 +49,14 @@ def main(paths: list[str]) -> None:
     for path in paths:
         name = FILES[Path(path).name]
         reference = json.loads((HERE / f"{name}.json").read_text())
-        llm = llama_cpp.Llama(path, n_ctx=2048, n_batch=512, n_threads=THREADS, n_threads_batch=THREADS,
-                              logits_all=True, verbose=False)
-        cases = {case["name"]: {"margins": margins(llm, case["tokens"], case["greedy"])}
-                 for case in reference["cases"]}
+        llm = llama_cpp.Llama(
+            path, n_ctx=2048, n_batch=512, n_threads=THREADS, n_threads_batch=THREADS, logits_all=True, verbose=False
+        )
+        cases = {case["name"]: {"margins": margins(llm, case["tokens"], case["greedy"])} for case in reference["cases"]}
         out = {
             "model": reference["model"],
             "made_by": f"llama-cpp-python {llama_cpp.__version__} (llama.cpp CPU, {THREADS} threads, f16 KV), "
-                       "tests/data/reference/greedy_margins.py",
+            "tests/data/reference/greedy_margins.py",
             "cases": cases,
         }
         (HERE / f"{name}.greedy_margins.json").write_text(json.dumps(out, indent=1) + "\n")
