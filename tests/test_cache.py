@@ -35,9 +35,9 @@ def feed(llm, ids, sizes, last_only=False, spec=None):
     return cache if last_only else np.concatenate(rows)
 
 
-def assert_close(actual, expected):
+def assert_close(actual, expected, relative=1e-3):
     scale = np.abs(expected).max()
-    assert np.abs(actual - expected).max() <= 1e-3 * scale
+    assert np.abs(actual - expected).max() <= relative * scale
 
 
 @pytest.fixture(scope="module")
@@ -269,7 +269,10 @@ def test_sink_policy_blocks_equal_token_by_token(streaming_llm):
     """Each query of a block sees the sinks and its own window, as if fed alone."""
     ids = prompt_ids("smollm2-135m-instruct")[:80]
     one_by_one = feed(streaming_llm, ids, [1], spec=STREAM)
-    assert_close(feed(streaming_llm, ids, [30, 7, 1, 42], spec=STREAM), one_by_one)
+    # Blocked and one-row float32 products round differently: up to 1.0e-3 of the largest logit
+    # on an AVX2 target (0.038 of 38.2, Numba built for haswell on an AVX-512 host). A query
+    # that saw the wrong keys would move logits by whole units.
+    assert_close(feed(streaming_llm, ids, [30, 7, 1, 42], spec=STREAM), one_by_one, relative=2e-3)
     assert np.isfinite(one_by_one).all()
 
 
