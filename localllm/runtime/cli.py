@@ -175,6 +175,16 @@ def _threads(text: str) -> int | str:
         raise argparse.ArgumentTypeError(f"expected a whole number or auto, got {text!r}") from None
 
 
+def _add_threads_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--threads",
+        type=_threads,
+        default="auto",
+        metavar="N|auto",
+        help="compute threads; auto (the default) uses the cores other programs leave free",
+    )
+
+
 def _warn_past_training_context(llm, n_ctx: int) -> None:
     trained = llm.model.hparams.n_ctx_train
     if n_ctx > trained:
@@ -384,13 +394,7 @@ def _args_generate(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--stop", action="append", metavar="TEXT", help="stop before this text (repeatable)")
     parser.add_argument("--ctx", type=int, default=2048, help="context size in tokens (default 2048)")
-    parser.add_argument(
-        "--threads",
-        type=_threads,
-        default="auto",
-        metavar="N|auto",
-        help="compute threads; auto (the default) uses the cores other programs leave free",
-    )
+    _add_threads_argument(parser)
     parser.add_argument(
         "--chat",
         action="store_true",
@@ -452,13 +456,7 @@ def _args_perplexity(parser: argparse.ArgumentParser) -> None:
         "evaluation, the whole file fed in order through the first --sinks tokens and "
         "the latest --window, each token scored from the cache before it",
     )
-    parser.add_argument(
-        "--threads",
-        type=_threads,
-        default="auto",
-        metavar="N|auto",
-        help="compute threads; auto (the default) uses the cores other programs leave free",
-    )
+    _add_threads_argument(parser)
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
@@ -621,13 +619,7 @@ def _args_chat(parser: argparse.ArgumentParser) -> None:
         "the latest --window, so a conversation never runs out of room; full stops at --ctx",
         cache_default="sink",
     )
-    parser.add_argument(
-        "--threads",
-        type=_threads,
-        default="auto",
-        metavar="N|auto",
-        help="compute threads; auto (the default) uses the cores other programs leave free",
-    )
+    _add_threads_argument(parser)
     parser.add_argument(
         "--inline", action="store_true", help="draw the app below the shell prompt instead of on the whole screen"
     )
