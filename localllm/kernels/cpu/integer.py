@@ -57,6 +57,9 @@ elif config.CPU_NAME is None:
 else:
     _TARGET_FEATURES = []
 AVAILABLE = "+avx2" in _TARGET_FEATURES and "+f16c" in _TARGET_FEATURES
+# 8-bit and 16-bit dot products that add into 32-bit lanes in one instruction (vpdpbusd,
+# vpdpwssd): AVX-512 VNNI on 256-bit vectors (with AVX-512 VL), or AVX-VNNI.
+HAS_VNNI = AVAILABLE and ({"+avx512vnni", "+avx512vl"} <= set(_TARGET_FEATURES) or "+avxvnni" in _TARGET_FEATURES)
 
 # _halves emits inline assembly, which LLVM parses only with the host's assembly parser.
 llvm_binding.initialize_native_asmparser()
@@ -114,13 +117,37 @@ def _madd_words(builder, a, b):
     return builder.call(fn, [a, b])
 
 
-def _signed_dot(builder, weights, activations):
-    """Pair sums <16 x i16> of two signed <32 x i8> vectors: vpmaddubsw needs one unsigned
-    operand, so the weights' signs move onto the activations (|w| * sign(w) a)."""
+def _dot_bytes(builder, vnni, total, unsigned, signed):
+    """total (<8 x i32>, or None for zeros) plus, in 32-bit lane j, the sum of the four products
+    of bytes 4j..4j+3 of <32 x u8> `unsigned` and <32 x i8> `signed`: one vpdpbusd with VNNI,
+    else vpmaddubsw, vpmaddwd by ones and an add. The same integers either way: no pair sum of
+    our codes reaches vpmaddubsw's 16-bit saturation (at most 2 * 128 * 127)."""
+    if total is None:
+        total = ir.Constant(_vector(_I32, 8), None)
+    if vnni:
+        fn = _function(builder, "llvm.x86.avx512.vpdpbusd.256", _vector(_I32, 8), [_vector(_I32, 8)] * 3)
+        return builder.call(
+            fn, [total, builder.bitcast(unsigned, _vector(_I32, 8)), builder.bitcast(signed, _vector(_I32, 8))]
+        )
+    pairs = _madd_unsigned_signed(builder, unsigned, signed)
+    return builder.add(total, _madd_words(builder, pairs, _splat(_I16, 16, 1)))
+
+
+def _dot_words(builder, vnni, total, a, b):
+    """total plus vpmaddwd(a, b) (<16 x i16> operands): one vpdpwssd with VNNI."""
+    if vnni:
+        fn = _function(builder, "llvm.x86.avx512.vpdpwssd.256", _vector(_I32, 8), [_vector(_I32, 8)] * 3)
+        return builder.call(fn, [total, builder.bitcast(a, _vector(_I32, 8)), builder.bitcast(b, _vector(_I32, 8))])
+    return builder.add(total, _madd_words(builder, a, b))
+
+
+def _signed_operands(builder, weights, activations):
+    """(|w|, sign(w) a) for two signed <32 x i8> vectors: the byte products need one unsigned
+    operand, so the weights' signs move onto the activations."""
     sign = _function(builder, "llvm.x86.avx2.psign.b", _vector(_I8, 32), [_vector(_I8, 32)] * 2)
     magnitude = _function(builder, "llvm.abs.v32i8", _vector(_I8, 32), [_vector(_I8, 32), ir.IntType(1)])
     unsigned = builder.call(magnitude, [weights, ir.Constant(ir.IntType(1), 0)])
-    return _madd_unsigned_signed(builder, unsigned, builder.call(sign, [activations, weights]))
+    return unsigned, builder.call(sign, [activations, weights])
 
 
 def _accumulate(builder, acc_pointer, scale, integer_sums):
@@ -234,14 +261,17 @@ def _sixteen_scale_splats(builder, scales):
     return splats
 
 
-def _scaled_dot(builder, values, codes, splats):
+def _scaled_dot(builder, vnni, values, codes, splats):
     """<8 x i32> sum over i of splats[i] times the pair sums of values[i] . 32 activation codes
     at codes + 32 i."""
-    total = ir.Constant(_vector(_I32, 8), None)
+    # Integer sums are exact in any order: with VNNI, two chains of vpdpwssd (latency 5 each)
+    # instead of one halve the wait.
+    chains = [ir.Constant(_vector(_I32, 8), None)] * (2 if vnni else 1)
     for i, value in enumerate(values):
         pairs = _madd_unsigned_signed(builder, value, _load(builder, codes, 32 * i, _I8, 32))
-        total = builder.add(total, _madd_words(builder, pairs, splats[i]))
-    return total
+        chain = i % len(chains)
+        chains[chain] = _dot_words(builder, vnni, chains[chain], pairs, splats[i])
+    return chains[0] if len(chains) == 1 else builder.add(*chains)
 
 
 # Q4_K (144 bytes): f16 d, f16 dmin, 12 bytes of 6-bit scales and mins, 128 bytes of nibbles
@@ -252,13 +282,13 @@ def _scaled_dot(builder, values, codes, splats):
 
 
 def _k_scales_codegen(nibbles_at, bits_at):
-    def codegen(builder, block, rows, count, acc):
-        _scaled_sub_blocks(builder, block, rows, count, acc, nibbles_at, bits_at)
+    def codegen(builder, block, rows, count, acc, vnni):
+        _scaled_sub_blocks(builder, block, rows, count, acc, vnni, nibbles_at, bits_at)
 
     return codegen
 
 
-def _scaled_sub_blocks(builder, block, rows, count, acc, nibbles_at, bits_at):
+def _scaled_sub_blocks(builder, block, rows, count, acc, vnni, nibbles_at, bits_at):
     low_scales = _load(builder, block, 4, _I8, 4)
     low_mins = _load(builder, block, 8, _I8, 4)
     high = _load(builder, block, 12, _I8, 4)
@@ -286,7 +316,7 @@ def _scaled_sub_blocks(builder, block, rows, count, acc, nibbles_at, bits_at):
     d, dmin = _halves(builder, block, 0)[:2]
     scale_splats = _word_splats(builder, scales, [[i] * 16 for i in range(8)])
     for t in range(count):
-        total = _scaled_dot(builder, nibbles, rows.codes_at(t), scale_splats)
+        total = _scaled_dot(builder, vnni, nibbles, rows.codes_at(t), scale_splats)
         d_x = rows.scale(t)
         _accumulate(builder, _acc_at(builder, acc, 16 * t), builder.fmul(d, d_x), total)
         code_sums = _load(builder, rows.sums_at(t), 0, _I16, 16)
@@ -303,7 +333,7 @@ def _scaled_sub_blocks(builder, block, rows, count, acc, nibbles_at, bits_at):
 # d * d_x * sum_i scale_i ((q_i - 32) . codes_i).
 
 
-def _q6_k_codegen(builder, block, rows, count, acc):
+def _q6_k_codegen(builder, block, rows, count, acc, vnni):
     scales = builder.sext(_load(builder, block, 192, _I8, 16), _vector(_I16, 16))
     low_nibble, field = _splat(_I8, 32, 15), _splat(_I8, 32, 0x30)
     values = []
@@ -323,7 +353,7 @@ def _q6_k_codegen(builder, block, rows, count, acc):
     d = _halves(builder, block, 202)[3]
     scale_splats = _sixteen_scale_splats(builder, scales)
     for t in range(count):
-        total = _scaled_dot(builder, values, rows.codes_at(t), scale_splats)
+        total = _scaled_dot(builder, vnni, values, rows.codes_at(t), scale_splats)
         code_sums = _load(builder, rows.sums_at(t), 0, _I16, 16)
         offsets = builder.shl(_madd_words(builder, code_sums, scales), _splat(_I32, 8, 5))
         _accumulate(builder, _acc_at(builder, acc, 8 * t), builder.fmul(d, rows.scale(t)), builder.sub(total, offsets))
@@ -361,7 +391,7 @@ def _q3_k_scales(builder, block):
 
 
 def _two_bit_codegen(with_third_bits):
-    def codegen(builder, block, rows, count, acc):
+    def codegen(builder, block, rows, count, acc, vnni):
         codes_at = 32 if with_third_bits else 16
         values = []
         for h in range(2):
@@ -383,7 +413,7 @@ def _two_bit_codegen(with_third_bits):
         scale_splats = _sixteen_scale_splats(builder, scales)
         lanes = 8 if with_third_bits else 16
         for t in range(count):
-            total = _scaled_dot(builder, values, rows.codes_at(t), scale_splats)
+            total = _scaled_dot(builder, vnni, values, rows.codes_at(t), scale_splats)
             code_sums = _load(builder, rows.sums_at(t), 0, _I16, 16)
             d_x = rows.scale(t)
             if with_third_bits:
@@ -446,7 +476,7 @@ def _fifth_bit_values(builder, block, bits_at):
 
 
 def _legacy_codegen(bits_at, codes_at, value_offset):
-    def codegen(builder, block, rows, count, acc):
+    def codegen(builder, block, rows, count, acc, vnni):
         if value_offset is None:
             weights = _load(builder, block, codes_at, _I8, 32)
         else:
@@ -457,10 +487,9 @@ def _legacy_codegen(bits_at, codes_at, value_offset):
         for t in range(count):
             activations = _load(builder, rows.codes_at(t), 0, _I8, 32)
             if value_offset is None:
-                pairs = _signed_dot(builder, weights, activations)
+                total = _dot_bytes(builder, vnni, None, *_signed_operands(builder, weights, activations))
             else:
-                pairs = _madd_unsigned_signed(builder, values, activations)
-            total = _madd_words(builder, pairs, _splat(_I16, 16, 1))
+                total = _dot_bytes(builder, vnni, None, values, activations)
             if value_offset:
                 offset_sum = builder.mul(builder.load(rows.sums_at(t)), ir.Constant(_I32, value_offset))
                 total = builder.sub(
@@ -482,7 +511,7 @@ def _fifth_bits(builder, words, half):
     return builder.and_(builder.sext(is_set, _vector(_I8, 32)), _splat(_I8, 32, 16))
 
 
-def _q5_0_pair_codegen(builder, block, rows, count, acc):
+def _q5_0_pair_codegen(builder, block, rows, count, acc, vnni):
     """Two Q5_0 blocks (A at `block`, B 22 bytes on) as one: values 0..15 of A and B fill one
     <32 x i8>, values 16..31 another, against activation codes laid out the same way
     (_pair_activations). Per activation row, acc[0:4] gets d_A * d_x,A * (A's lane sums) and
@@ -517,24 +546,27 @@ def _q5_0_pair_codegen(builder, block, rows, count, acc):
     weight_scales = builder.fpext(builder.bitcast(scales_ab, _vector(ir.HalfType(), 8)), _vector(_F32, 8))
     for t in range(count):
         codes = rows.codes_at(t)
-        pairs = builder.add(
-            _madd_unsigned_signed(builder, values[0], _load(builder, codes, 0, _I8, 32)),
-            _madd_unsigned_signed(builder, values[1], _load(builder, codes, 32, _I8, 32)),
-        )
-        total = builder.sub(
-            _madd_words(builder, pairs, _splat(_I16, 16, 1)), _load(builder, rows.sums_at(t), 0, _I32, 8)
-        )
+        activations = [_load(builder, codes, 32 * half, _I8, 32) for half in range(2)]
+        if vnni:
+            total = _dot_bytes(
+                builder, vnni, _dot_bytes(builder, vnni, None, values[0], activations[0]), values[1], activations[1]
+            )
+        else:
+            # Pair sums of at most 2 * 31 * 127 add up in 16 bits: one vpmaddwd for both halves.
+            pairs = builder.add(*(_madd_unsigned_signed(builder, values[h], activations[h]) for h in range(2)))
+            total = _madd_words(builder, pairs, _splat(_I16, 16, 1))
+        total = builder.sub(total, _load(builder, rows.sums_at(t), 0, _I32, 8))
         _accumulate(builder, _acc_at(builder, acc, 8 * t), builder.fmul(weight_scales, rows.lane_scales(t)), total)
 
 
 def _offset_codegen(bits_at, codes_at):
-    def codegen(builder, block, rows, count, acc):
-        _codes_with_minimum(builder, block, rows, count, acc, bits_at, codes_at)
+    def codegen(builder, block, rows, count, acc, vnni):
+        _codes_with_minimum(builder, block, rows, count, acc, vnni, bits_at, codes_at)
 
     return codegen
 
 
-def _codes_with_minimum(builder, block, rows, count, acc, bits_at, codes_at):
+def _codes_with_minimum(builder, block, rows, count, acc, vnni, bits_at, codes_at):
     """Q4_1 (20 bytes: f16 d, f16 m, 16 bytes of nibbles) and Q5_1 (24 bytes: f16 d, f16 m,
     fifth-bit word, nibbles) against Q8_1 activations, whose sums are ggml's
     s = f16(d_x * sum of codes): acc[0:8] gets d * d_x * (values . codes) and acc[8] m * s, as
@@ -545,8 +577,7 @@ def _codes_with_minimum(builder, block, rows, count, acc, bits_at, codes_at):
     d, m = _halves(builder, block, 0)[:2]
     fma = _function(builder, "llvm.fma.f32", _F32, [_F32] * 3)
     for t in range(count):
-        pairs = _madd_unsigned_signed(builder, values, _load(builder, rows.codes_at(t), 0, _I8, 32))
-        total = _madd_words(builder, pairs, _splat(_I16, 16, 1))
+        total = _dot_bytes(builder, vnni, None, values, _load(builder, rows.codes_at(t), 0, _I8, 32))
         _accumulate(builder, _acc_at(builder, acc, 16 * t), builder.fmul(d, rows.scale(t)), total)
         offset_lane = _acc_at(builder, acc, 16 * t + 8)
         builder.store(builder.call(fma, [m, builder.load(rows.sums_at(t)), builder.load(offset_lane)]), offset_lane)
@@ -557,7 +588,7 @@ def _codes_with_minimum(builder, block, rows, count, acc, bits_at, codes_at):
 # 16-value code sums. Per activation row, acc[0:8] gets d * d_x * ((q - 1) . codes).
 
 
-def _tq2_0_codegen(builder, block, rows, count, acc):
+def _tq2_0_codegen(builder, block, rows, count, acc, vnni):
     # Codes at bits 2 and 6 are masked in place, as 4 * q: one 16-bit shift per chunk instead of
     # three (shifts share two ports with the shuffles; 15.5 -> 14.8 cycles per block on one
     # thread). Their pair sums (multiples of 4) are added apart and divided by 4, exactly,
@@ -577,17 +608,28 @@ def _tq2_0_codegen(builder, block, rows, count, acc):
     d = _splatted_half(builder, block, 64)
     for t in range(count):
         codes = rows.codes_at(t)
-        # Pair sums of at most 2 * 3 * 127 (four of them) and 4 * 2 * 3 * 127 (four) fit 16 bits.
-        sums = []
-        for values, offsets in ((plain, plain_at), (fourfold, fourfold_at)):
-            pairs = ir.Constant(_vector(_I16, 16), None)
-            for value, offset in zip(values, offsets):
-                pairs = builder.add(
-                    pairs, _madd_unsigned_signed(builder, value, _load(builder, codes, offset, _I8, 32))
-                )
-            sums.append(pairs)
-        pairs = builder.add(sums[0], builder.ashr(sums[1], _splat(_I16, 16, 2)))
-        total = _madd_words(builder, pairs, _splat(_I16, 16, 1))
+        if vnni:
+            # The fourfold sums are multiples of 4 in every lane: dividing them after the four
+            # products of a lane meet gives the integers of dividing each pair sum.
+            sums = []
+            for values, offsets in ((plain, plain_at), (fourfold, fourfold_at)):
+                lanes = None
+                for value, offset in zip(values, offsets):
+                    lanes = _dot_bytes(builder, vnni, lanes, value, _load(builder, codes, offset, _I8, 32))
+                sums.append(lanes)
+            total = builder.add(sums[0], builder.ashr(sums[1], _splat(_I32, 8, 2)))
+        else:
+            # Pair sums of at most 2 * 3 * 127 (four of them) and 4 * 2 * 3 * 127 (four) fit 16 bits.
+            sums = []
+            for values, offsets in ((plain, plain_at), (fourfold, fourfold_at)):
+                pairs = ir.Constant(_vector(_I16, 16), None)
+                for value, offset in zip(values, offsets):
+                    pairs = builder.add(
+                        pairs, _madd_unsigned_signed(builder, value, _load(builder, codes, offset, _I8, 32))
+                    )
+                sums.append(pairs)
+            pairs = builder.add(sums[0], builder.ashr(sums[1], _splat(_I16, 16, 2)))
+            total = _madd_words(builder, pairs, _splat(_I16, 16, 1))
         offsets = _madd_words(builder, _load(builder, rows.sums_at(t), 0, _I16, 16), _splat(_I16, 16, 1))
         _accumulate(
             builder, _acc_at(builder, acc, 8 * t), _times_splat(builder, d, rows.scale(t)), builder.sub(total, offsets)
@@ -605,7 +647,7 @@ def _tq2_0_codegen(builder, block, rows, count, acc):
 _TQ1_0_ACTIVATION_BYTES = 320
 
 
-def _tq1_0_codegen(builder, block, rows, count, acc):
+def _tq1_0_codegen(builder, block, rows, count, acc, vnni):
     digits = []
     for offset in (0, 22):
         powers = _load(builder, block, offset, _I8, 32)
@@ -622,11 +664,20 @@ def _tq1_0_codegen(builder, block, rows, count, acc):
     d = _splatted_half(builder, block, 52)
     for t in range(count):
         codes = rows.codes_at(t)
-        # Ten pair sums of at most 2 * 2 * 127 each fit 16 bits.
-        pairs = ir.Constant(_vector(_I16, 16), None)
-        for i, digit in enumerate(digits):
-            pairs = builder.add(pairs, _madd_unsigned_signed(builder, digit, _load(builder, codes, 32 * i, _I8, 32)))
-        total = _madd_words(builder, pairs, _splat(_I16, 16, 1))
+        if vnni:
+            chains = [None, None]
+            for i, digit in enumerate(digits):
+                activations = _load(builder, codes, 32 * i, _I8, 32)
+                chains[i % 2] = _dot_bytes(builder, vnni, chains[i % 2], digit, activations)
+            total = builder.add(*chains)
+        else:
+            # Ten pair sums of at most 2 * 2 * 127 each fit 16 bits.
+            pairs = ir.Constant(_vector(_I16, 16), None)
+            for i, digit in enumerate(digits):
+                pairs = builder.add(
+                    pairs, _madd_unsigned_signed(builder, digit, _load(builder, codes, 32 * i, _I8, 32))
+                )
+            total = _madd_words(builder, pairs, _splat(_I16, 16, 1))
         offsets = _madd_words(builder, _load(builder, rows.sums_at(t), 0, _I16, 16), _splat(_I16, 16, 1))
         _accumulate(
             builder, _acc_at(builder, acc, 8 * t), _times_splat(builder, d, rows.scale(t)), builder.sub(total, offsets)
@@ -655,7 +706,8 @@ _FORMATS = {
 _BLOCK_BYTES = tuple(_FORMATS[kind][0] for kind in range(len(_FORMATS)))
 _ACC_LANES = tuple(_FORMATS[kind][3] for kind in range(len(_FORMATS)))
 # Activation rows per pass over a weight row: each decoded weight block then feeds four rows
-# (the accumulator on the stack holds 16 lanes for each).
+# (the accumulator on the stack holds 16 lanes for each). A batch's last n % 4 rows go as one
+# tile of their own.
 _TILE = 4
 
 
@@ -673,7 +725,7 @@ def _dot_blocks(typingctx, kind, count, weights, offset, codes, sums, scales, fi
         rows = _Rows(builder, q, sum_pointer, scale_pointer, first_row, blocks, block_index, block_values, sum_group)
         block = builder.gep(w, [o])
         _prefetch_ahead(builder, block, block_bytes)
-        generate(builder, block, rows, rows_in_tile, acc_pointer)
+        generate(builder, block, rows, rows_in_tile, acc_pointer, HAS_VNNI)
         return context.get_dummy_value()
 
     return types.void(kind, count, weights, offset, codes, sums, scales, first, n_blocks, k, acc), codegen
@@ -708,28 +760,35 @@ def _products(raw, codes, scales, sums, out, kind):
     rows, row_bytes = raw.shape
     n_blocks = row_bytes // block_bytes
     tiled = n - n % _TILE
+    rest = n - tiled
     for chunk in prange((rows + _ROW_CHUNK - 1) // _ROW_CHUNK):
         acc = stack_pointer(64)  # 16 lanes for each of the _TILE rows
-        p = data_pointer(raw)
-        qp = data_pointer(codes)
-        sp = data_pointer(sums)
-        xp = data_pointer(scales)
-        last = min(rows, (chunk + 1) * _ROW_CHUNK)
+        weights = (data_pointer(raw), row_bytes, block_bytes, n_blocks)
+        activations = (data_pointer(codes), data_pointer(sums), data_pointer(scales))
+        rows_of_chunk = (chunk * _ROW_CHUNK, min(rows, (chunk + 1) * _ROW_CHUNK))
         for first in range(0, tiled, _TILE):
-            for r in range(chunk * _ROW_CHUNK, last):
-                for lane in range(lanes * _TILE):
-                    acc[lane] = 0.0
-                for k in range(n_blocks):
-                    _dot_blocks(kind, _TILE, p, r * row_bytes + k * block_bytes, qp, sp, xp, first, n_blocks, k, acc)
-                for t in range(_TILE):
-                    out[first + t, r] = _finish(kind, acc, lanes * t)
-        for i in range(tiled, n):
-            for r in range(chunk * _ROW_CHUNK, last):
-                for lane in range(lanes):
-                    acc[lane] = 0.0
-                for k in range(n_blocks):
-                    _dot_blocks(kind, 1, p, r * row_bytes + k * block_bytes, qp, sp, xp, i, n_blocks, k, acc)
-                out[i, r] = _finish(kind, acc, 0)
+            _tile(kind, _TILE, weights, activations, acc, lanes, first, rows_of_chunk, out)
+        if rest == 3:
+            _tile(kind, 3, weights, activations, acc, lanes, tiled, rows_of_chunk, out)
+        elif rest == 2:
+            _tile(kind, 2, weights, activations, acc, lanes, tiled, rows_of_chunk, out)
+        elif rest == 1:
+            _tile(kind, 1, weights, activations, acc, lanes, tiled, rows_of_chunk, out)
+
+
+@njit(nogil=True, inline="always")
+def _tile(kind, count, weights, activations, acc, lanes, first, rows_of_chunk, out):
+    """Activation rows first .. first + count - 1 against the weight rows of one chunk. Each
+    row's lanes, and so its float result, are those it gets in any other tile."""
+    p, row_bytes, block_bytes, n_blocks = weights
+    qp, sp, xp = activations
+    for r in range(rows_of_chunk[0], rows_of_chunk[1]):
+        for lane in range(lanes * count):
+            acc[lane] = 0.0
+        for k in range(n_blocks):
+            _dot_blocks(kind, count, p, r * row_bytes + k * block_bytes, qp, sp, xp, first, n_blocks, k, acc)
+        for t in range(count):
+            out[first + t, r] = _finish(kind, acc, lanes * t)
 
 
 # One entry point per format, written out: each fixes its literal kind and its activation

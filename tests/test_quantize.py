@@ -1,0 +1,143 @@
+"""`localllm quantize`: llama-quantize's tensor choices and bytes.
+
+References: the ternary files' per-tensor types and sha256 come from llama.cpp's own
+llama-quantize (tests/data/reference/qwen2.5-coder-1.5b-tq*_0.json, recipe inside); the legacy
+formats are checked against the gguf package (its NumPy dequantizer and quantizer), which
+reproduce ggml's reference quantization."""
+
+import hashlib
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFWriter
+from gguf import quants as gguf_quants
+from test_cli_errors import needs_mounts
+
+from localllm.errors import InvalidParameterError
+from localllm.formats.gguf import open_gguf
+from localllm.runtime.llm import LLM
+from localllm.runtime.quantize import TARGETS, QuantizeError, quantize
+
+from conftest import REFERENCE
+
+Q = GGMLQuantizationType
+SMOLLM = "smollm2-135m-instruct"
+QWEN = "qwen2.5-coder-1.5b-instruct"
+
+
+def assert_quantized_like_gguf(source_path, output_path, target: str):
+    """Each weight matrix as gguf.quants encodes gguf.quants' decoding of the source; every
+    other tensor and all metadata but the file type carried over unchanged."""
+    source, output = open_gguf(source_path), open_gguf(output_path)
+    assert set(output.tensors) == set(source.tensors)
+    default = TARGETS[target][0]
+    converted = 0
+    for name, tensor in output.tensors.items():
+        original = source.tensors[name]
+        assert tensor.shape == original.shape, name
+        if tensor.type == original.type:
+            assert np.array_equal(tensor.raw, original.raw), name
+            continue
+        converted += 1
+        assert tensor.type == default, name
+        values = gguf_quants.dequantize(original.raw, original.type).reshape(-1, original.shape[-1])
+        expected = gguf_quants.quantize(values, tensor.type)
+        assert np.array_equal(tensor.raw.reshape(expected.shape), expected), name
+    assert converted > 0
+    changed = {"general.file_type", "general.quantization_version"}
+    for key, value in source.metadata.items():
+        if key not in changed:
+            assert (
+                np.array_equal(output.metadata[key], value)
+                if isinstance(value, np.ndarray)
+                else (output.metadata[key] == value)
+            ), key
+    assert output.metadata["general.file_type"] == int(TARGETS[target][1])
+    assert output.metadata["general.quantization_version"] == 2
+    assert output.alignment == source.alignment
+
+
+@pytest.mark.parametrize(
+    "target",
+    [pytest.param("Q4_0"), *(pytest.param(t, marks=pytest.mark.slow) for t in ("Q4_1", "Q5_0", "Q5_1", "Q8_0"))],
+)
+def test_legacy_targets_match_the_gguf_quantizers_and_run(model_path, tmp_path, target):
+    source = model_path(SMOLLM)
+    output = tmp_path / f"smollm2.{target}.gguf"
+    reports = []
+    plans = quantize(source, output, target, progress=lambda *report: reports.append(report))
+    assert_quantized_like_gguf(source, output, target)
+    # SmolLM2 ties its head to the embedding, whose 576-value rows are no multiple of 256: Q8_0.
+    assert {p.name: p.target for p in plans}["token_embd.weight"] == Q.Q8_0
+    assert [(done, n) for done, n, _, _ in reports] == [(i, len(plans)) for i in range(1, len(plans) + 1)]
+    written = [w for _, _, w, _ in reports]
+    assert written == sorted(written) and written[-1] == reports[-1][3] == sum(p.nbytes for p in plans)
+    with LLM(str(output)) as llm:
+        logits = llm.logits(llm.tokenize("The capital of France is"))
+    assert np.isfinite(logits).all()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("target", ["TQ2_0", "TQ1_0"])
+def test_ternary_files_reproduce_llama_quantize_tensor_by_tensor(model_path, tmp_path, target):
+    reference = json.loads((REFERENCE / f"qwen2.5-coder-1.5b-{target.lower()}.json").read_text())["tensor_sha256"]
+    output = tmp_path / f"qwen.{target}.gguf"
+    quantize(model_path(QWEN), output, target)
+    written = open_gguf(output)
+    assert list(written.tensors) == list(reference), "tensor order differs from llama-quantize's"
+    for name, tensor in written.tensors.items():
+        assert [tensor.type.name, hashlib.sha256(tensor.raw.tobytes()).hexdigest()] == reference[name], name
+
+
+def write_tiny_model(path, cols: int):
+    """A GGUF with one weight matrix whose rows have `cols` values."""
+    writer = GGUFWriter(path, "llama")
+    writer.add_tensor("blk.0.ffn_up.weight", np.ones((4, cols), dtype=np.float32))
+    writer.add_tensor("blk.0.ffn_norm.weight", np.ones(cols, dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def test_bad_input_is_one_line_and_writes_nothing(tmp_path):
+    source = tmp_path / "tiny.gguf"
+    write_tiny_model(source, cols=48)
+    output = tmp_path / "out.gguf"
+    with pytest.raises(InvalidParameterError, match="unknown quantization type 'Q3_X'; choose from Q4_0"):
+        quantize(source, output, "Q3_X")
+    # 48-value rows fit no 32- or 256-value block: the message names the tensor.
+    with pytest.raises(QuantizeError, match=r"^tensor blk\.0\.ffn_up\.weight: rows of 48 values fit neither TQ2_0"):
+        quantize(source, output, "TQ2_0")
+    with pytest.raises(QuantizeError, match="directory .*missing does not exist"):
+        quantize(source, tmp_path / "missing" / "out.gguf", "Q8_0")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny.gguf"]
+
+
+def test_ternary_rows_of_32_fall_back_to_q4_0(tmp_path):
+    """As llama-quantize: TQ2_0 needs 256-value rows; 96-value rows become Q4_0; norms stay F32."""
+    source = tmp_path / "tiny.gguf"
+    write_tiny_model(source, cols=96)
+    quantize(source, tmp_path / "out.gguf", "TQ2_0")
+    written = open_gguf(tmp_path / "out.gguf")
+    assert written.tensors["blk.0.ffn_up.weight"].type == Q.Q4_0
+    assert written.tensors["blk.0.ffn_norm.weight"].type == Q.F32
+    assert GGML_QUANT_SIZES[Q.Q4_0][0] == 32 and 96 % 32 == 0
+
+
+@needs_mounts
+def test_a_full_disk_leaves_no_partial_output(tmp_path, model_path):
+    source = model_path(SMOLLM)
+    script = (
+        f'mount -t tmpfs -o size=8m tmpfs "{tmp_path}/small"; '
+        f'{sys.executable} -c "import sys; from localllm.runtime.quantize import quantize; '
+        f"quantize(sys.argv[1], sys.argv[2], 'Q8_0')\" {source} {tmp_path}/small/out.gguf "
+        f'|| echo "status $?"; ls -A "{tmp_path}/small"'
+    )
+    (tmp_path / "small").mkdir()
+    result = subprocess.run(["unshare", "-rm", "sh", "-ec", script], capture_output=True, text=True, timeout=300)
+    assert "OSError" in result.stderr and "space" in result.stderr, result.stderr[-2000:]
+    assert result.stdout.strip().splitlines() == ["status 1"], result.stdout
