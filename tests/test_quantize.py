@@ -22,6 +22,7 @@ from localllm.runtime.llm import LLM
 from localllm.runtime.quantize import TARGETS, QuantizeError, quantize
 
 from conftest import REFERENCE
+from test_models import MAX_DELTA, MEDIAN_DELTA
 
 Q = GGMLQuantizationType
 SMOLLM = "smollm2-135m-instruct"
@@ -90,6 +91,19 @@ def test_ternary_files_reproduce_llama_quantize_tensor_by_tensor(model_path, tmp
     assert list(written.tensors) == list(reference), "tensor order differs from llama-quantize's"
     for name, tensor in written.tensors.items():
         assert [tensor.type.name, hashlib.sha256(tensor.raw.tobytes()).hexdigest()] == reference[name], name
+    written.close()
+    # The same bytes as llama.cpp's file, so its logits on that file apply: the ternary kernels
+    # on a real model, within the catalog models' |delta| tolerances. Not top-1 agreement: the
+    # reference has 10 positions of a ternarized (meaningless) model, 3 of them with the top two
+    # logits within 0.27 of each other, where either may win.
+    cases = json.loads((REFERENCE / f"qwen2.5-coder-1.5b-{target.lower()}.json").read_text())["cases"]
+    deltas = []
+    with LLM(str(output)) as llm:
+        for case in cases:
+            for row, top10 in zip(llm.logits(case["tokens"]), case["top10"]):
+                ids = [token for token, _ in top10]
+                deltas.extend(np.abs(row[ids] - np.array([value for _, value in top10])))
+    assert np.median(deltas) <= MEDIAN_DELTA and np.max(deltas) <= MAX_DELTA, (np.median(deltas), np.max(deltas))
 
 
 def write_tiny_model(path, cols: int):

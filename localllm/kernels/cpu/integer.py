@@ -60,6 +60,8 @@ AVAILABLE = "+avx2" in _TARGET_FEATURES and "+f16c" in _TARGET_FEATURES
 # 8-bit and 16-bit dot products that add into 32-bit lanes in one instruction (vpdpbusd,
 # vpdpwssd): AVX-512 VNNI on 256-bit vectors (with AVX-512 VL), or AVX-VNNI.
 HAS_VNNI = AVAILABLE and ({"+avx512vnni", "+avx512vl"} <= set(_TARGET_FEATURES) or "+avxvnni" in _TARGET_FEATURES)
+# Byte permutes across 64-byte vectors (vpermi2b): TQ1_0's digits by table lookup.
+HAS_VBMI = HAS_VNNI and {"+avx512vbmi", "+avx512bw"} <= set(_TARGET_FEATURES)
 
 # _halves emits inline assembly, which LLVM parses only with the host's assembly parser.
 llvm_binding.initialize_native_asmparser()
@@ -641,15 +643,18 @@ def _tq2_0_codegen(builder, block, rows, count, acc, vnni):
 # values 160 + 16n + m, bytes 48..51 values 240 + 4n + m. The codes are 0..2 with an offset
 # of -1, which goes through the 16-value code sums. The weights are read as bytes 0..31 and
 # 22..53 (the last 32 bytes of the block), and _tq1_0_activations lays each block's activation
-# codes out as ten 32-byte vectors to match: digit n of the first, then digit n of the second
-# (zeros against bytes 22..31 and the scale). Per activation row, acc[0:8] gets
+# codes out as ten 32-byte vectors to match: for each digit n, digit n of the first, then of the
+# second (zeros against bytes 22..31 and the scale). Per activation row, acc[0:8] gets
 # d * d_x * ((q - 1) . codes).
 _TQ1_0_ACTIVATION_BYTES = 320
+# Digit n of every byte value, for the table lookups of _tq1_0_table_digits.
+_TQ1_0_DIGITS = [[(3 * (b * 3**n % 256)) >> 8 for b in range(256)] for n in range(5)]
 
 
-def _tq1_0_codegen(builder, block, rows, count, acc, vnni):
-    digits = []
-    for offset in (0, 22):
+def _tq1_0_arithmetic_digits(builder, block):
+    """The ten digit vectors in layout order, computed: times 3 and two compares per digit."""
+    digits = [[], []]
+    for half, offset in enumerate((0, 22)):
         powers = _load(builder, block, offset, _I8, 32)
         for n in range(5):
             if n:
@@ -660,11 +665,50 @@ def _tq1_0_codegen(builder, block, rows, count, acc, vnni):
                 builder.zext(builder.icmp_unsigned(">=", powers, _splat(_I8, 32, 86)), _vector(_I8, 32)),
                 builder.zext(builder.icmp_unsigned(">=", powers, _splat(_I8, 32, 171)), _vector(_I8, 32)),
             )
-            digits.append(digit)
+            digits[half].append(digit)
+    return [digit for n in range(5) for digit in (digits[0][n], digits[1][n])]
+
+
+def _tq1_0_table_digits(builder, block):
+    """The five 64-byte digit vectors (digit n of both halves) in layout order, looked up: both
+    halves as one 64-byte vector, and
+    per digit two vpermi2b (each a 128-entry table in two registers, indexed by the byte's low
+    7 bits) and a blend on the byte's top bit, where the arithmetic takes six operations for
+    each 32 bytes."""
+    both = builder.shuffle_vector(
+        _load(builder, block, 0, _I8, 32),
+        _load(builder, block, 22, _I8, 32),
+        ir.Constant(_vector(_I32, 64), list(range(64))),
+    )
+    high = builder.icmp_signed("<", both, _splat(_I8, 64, 0))
+    lookup = _function(builder, "llvm.x86.avx512.vpermi2var.qi.512", _vector(_I8, 64), [_vector(_I8, 64)] * 3)
+    digits = []
+    for table in _TQ1_0_DIGITS:
+        quarters = [ir.Constant(_vector(_I8, 64), table[64 * q : 64 * q + 64]) for q in range(4)]
+        low_half = builder.call(lookup, [quarters[0], both, quarters[1]])
+        high_half = builder.call(lookup, [quarters[2], both, quarters[3]])
+        digits.append(builder.select(high, high_half, low_half))
+    return digits
+
+
+def _tq1_0_codegen(builder, block, rows, count, acc, vnni):
+    digits = _tq1_0_table_digits(builder, block) if HAS_VBMI else _tq1_0_arithmetic_digits(builder, block)
     d = _splatted_half(builder, block, 52)
     for t in range(count):
         codes = rows.codes_at(t)
-        if vnni:
+        if HAS_VBMI:
+            # 64-byte dot products; lanes j and j + 8 then hold what lane j of the 32-byte ones
+            # would, the first half's and the second's, so they add to the same integers.
+            dot = _function(builder, "llvm.x86.avx512.vpdpbusd.512", _vector(_I32, 16), [_vector(_I32, 16)] * 3)
+            chains = [ir.Constant(_vector(_I32, 16), None)] * 2
+            for n, digit in enumerate(digits):
+                activations = builder.bitcast(_load(builder, codes, 64 * n, _I8, 64), _vector(_I32, 16))
+                chains[n % 2] = builder.call(
+                    dot, [chains[n % 2], builder.bitcast(digit, _vector(_I32, 16)), activations]
+                )
+            wide = builder.add(*chains)
+            total = builder.add(_pick(builder, wide, range(8)), _pick(builder, wide, range(8, 16)))
+        elif vnni:
             chains = [None, None]
             for i, digit in enumerate(digits):
                 activations = _load(builder, codes, 32 * i, _I8, 32)
@@ -888,8 +932,8 @@ def products_q6_k(raw, X, out):
 @njit(cache=True, nogil=True)
 def _tq1_0_activations(codes):
     """Q8_K activation codes laid out for _tq1_0_codegen: per 256-value block, for digits
-    n = 0..4 values 32n .. 32n + 31, then for n = 0..4 ten zeros, values 160 + 16n .. + 15,
-    values 240 + 4n .. + 3 (zeros for n = 4) and two zeros."""
+    n = 0..4, values 32n .. 32n + 31, then ten zeros, values 160 + 16n .. + 15, values
+    240 + 4n .. + 3 (zeros for n = 4) and two zeros."""
     n, cols = codes.shape
     blocks = cols // 256
     laid_out = np.zeros((n, blocks * _TQ1_0_ACTIVATION_BYTES), dtype=np.int8)
@@ -898,10 +942,9 @@ def _tq1_0_activations(codes):
             source = 256 * b
             target = _TQ1_0_ACTIVATION_BYTES * b
             for digit in range(5):
-                laid_out[i, target + 32 * digit : target + 32 * digit + 32] = codes[
-                    i, source + 32 * digit : source + 32 * digit + 32
-                ]
-                second = target + 160 + 32 * digit
+                first = target + 64 * digit
+                laid_out[i, first : first + 32] = codes[i, source + 32 * digit : source + 32 * digit + 32]
+                second = first + 32
                 laid_out[i, second + 10 : second + 26] = codes[i, source + 160 + 16 * digit : source + 176 + 16 * digit]
                 if digit < 4:
                     laid_out[i, second + 26 : second + 30] = codes[
