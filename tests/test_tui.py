@@ -338,6 +338,29 @@ async def test_settings_dialog_stores_the_temperature(home, smollm):
 
 
 @pytest.mark.asyncio
+async def test_a_conversation_keeps_its_own_cache_policy(home, smollm):
+    """The app runs the full policy; a conversation set to the sink policy gets a sink cache of
+    its window, shown in the status bar, and one without keeps the app's."""
+    store = ChatStore()
+    app = ChatApp(smollm, store)
+    async with app.run_test(size=SIZE) as pilot:
+        await ready(app, pilot)
+        app.new_settings = ChatSettings(max_tokens=8, temperature=0.0, cache="sink", sinks=2, window=40)
+        await reply_to(app, pilot, "Hi")
+        usage = app.backend.cache_usage()
+        assert (usage.policy, usage.sinks, usage.window, usage.capacity) == ("sink", 2, 40, 42)
+        assert "sink" in str(app.query_one("#status").render())
+        assert store.conversation(app.conversation.id).settings.cache == "sink"
+        sink_conversation = app.conversation.id
+
+        await pilot.press("ctrl+n")
+        short_replies(app, 8)
+        await reply_to(app, pilot, "Hi")
+        assert app.conversation.id != sink_conversation
+        assert app.backend.cache_usage().policy == app.backend.llm.cache_spec.policy == "full"
+
+
+@pytest.mark.asyncio
 async def test_streaming_does_not_scroll_away_from_a_reader_who_scrolled_up(home, smollm):
     store = ChatStore()
     app = ChatApp(smollm, store)

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from localllm.errors import SessionFileError
+from localllm.runtime.cache import CacheSpec
 from localllm.runtime.catalog import catalog, entry_for_path, is_present, pull
 from localllm.runtime.engine import Generation
 from localllm.runtime.llm import LLM
@@ -144,17 +145,20 @@ class Backend:
         history = [{"role": "system", "content": settings.system}] if settings.system else []
         history += [{"role": m["role"], "content": m["content"]} for m in messages[:-1]]
         options = {"cancel": cancel, "progress": progress, **settings.generation_options()}
-        session = self._session_for(key, history, saved)
+        spec = settings.cache_spec(self.llm.cache_spec) or self.llm.cache_spec
+        session = self._session_for(key, history, saved, spec)
         self._session, self._key = session, key
         if session is None:
             self._unmatched.add(key)
             return Answer(self.llm.chat([*history, dict(messages[-1])], stream=True, **options), None)
         return Answer(session.send(messages[-1]["content"], stream=True, **options), session)
 
-    def _session_for(self, key: object, history: list[dict], saved: Path | None) -> Session | None:
-        """A session whose conversation is `history`, or None if there is none to be had."""
-        if self._session is not None and self._key == key and self._session.messages == history:
-            return self._session
+    def _session_for(self, key: object, history: list[dict], saved: Path | None, spec: CacheSpec) -> Session | None:
+        """A session whose conversation is `history` in a cache of `spec`, or None if there is
+        none to be had."""
+        session = self._session
+        if session is not None and self._key == key and session.messages == history and session.spec == spec:
+            return session
         if saved is not None and key not in self._unmatched:
             for path in (saved, previous_file(saved)):
                 try:
@@ -162,12 +166,13 @@ class Backend:
                 except SessionFileError:
                     # Another model's (kept for it), or damaged.
                     continue
-                if session.messages == history:
+                if session.messages == history and session.spec == spec:
                     return session
-                # This model's, for a conversation that has since gone another way.
+                # This model's, for a conversation that has since gone another way or changed
+                # its cache.
                 path.unlink()
         if all(message["role"] == "system" for message in history):
-            return self.llm.session(system=history[0]["content"] if history else None)
+            return self.llm.session(system=history[0]["content"] if history else None, cache=spec)
         return None
 
     def forget(self, key: object) -> None:

@@ -10,7 +10,7 @@ from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Grid, Horizontal, Vertical
 from textual.screen import ModalScreen, ScreenResultType
-from textual.widgets import Button, Input, Label, OptionList, Static, TextArea
+from textual.widgets import Button, Input, Label, OptionList, Select, Static, TextArea
 from textual.widgets.option_list import Option
 
 from localllm.errors import InvalidParameterError
@@ -45,7 +45,10 @@ _NUMERIC = (
     ("repeat_penalty", "Repeat penalty (1: off)", float, False),
     ("seed", "Seed (empty: random)", int, True),
     ("max_tokens", "Max tokens (empty: no limit)", int, True),
+    ("sinks", "Sinks (empty: the app's)", int, True),
+    ("window", "Window (empty: the app's)", int, True),
 )
+_CACHE_CHOICES = (("the app's", ""), ("full", "full"), ("sink (StreamingLLM)", "sink"))
 
 
 def _parse(name: str, text: str, optional: bool, kind: type):
@@ -67,8 +70,11 @@ class SettingsScreen(Dialog[ChatSettings | None]):
 
     DEFAULT_CSS = """
     SettingsScreen Grid {
-        grid-size: 2; grid-columns: 1fr 16; grid-rows: 1; grid-gutter: 1 2; height: auto; margin-top: 1;
+        grid-size: 4; grid-columns: 1fr 12 1fr 12; grid-rows: 1; grid-gutter: 1 2; height: auto; margin-top: 1;
     }
+    SettingsScreen > Vertical { width: 100; }
+    SettingsScreen #cache-row { height: 1; margin-top: 1; }
+    SettingsScreen #cache { width: 28; }
     SettingsScreen #system { height: 5; }
     """
     BINDINGS = [Binding("escape", "cancel", "Cancel")]
@@ -82,6 +88,9 @@ class SettingsScreen(Dialog[ChatSettings | None]):
             yield Label("Conversation settings", classes="title")
             yield Label("System prompt")
             yield TextArea(self.settings.system, id="system", soft_wrap=True, tab_behavior="focus")
+            with Horizontal(id="cache-row"):
+                yield Label("KV cache policy ")
+                yield Select(_CACHE_CHOICES, value=self.settings.cache, allow_blank=False, id="cache", compact=True)
             with Grid():
                 for name, label, kind, _ in _NUMERIC:
                     value = getattr(self.settings, name)
@@ -99,7 +108,7 @@ class SettingsScreen(Dialog[ChatSettings | None]):
 
     def collect(self) -> ChatSettings:
         """The settings the fields describe; InvalidParameterError names a bad one."""
-        values = {"system": self.query_one("#system", TextArea).text}
+        values = {"system": self.query_one("#system", TextArea).text, "cache": self.query_one("#cache", Select).value}
         for name, _, kind, optional in _NUMERIC:
             values[name] = _parse(name, self.query_one(f"#{name}", Input).value, optional, kind)
         return ChatSettings(**values)

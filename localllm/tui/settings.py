@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from numbers import Integral
 
 from localllm.errors import InvalidParameterError
+from localllm.runtime.cache import POLICIES, CacheSpec
 from localllm.runtime.sampling import SamplingParams
 
 SAMPLING_FIELDS = ("temperature", "top_k", "top_p", "min_p", "repeat_penalty", "seed")
@@ -25,6 +26,11 @@ class ChatSettings:
     repeat_penalty: float = 1.0
     seed: int | None = None
     max_tokens: int | None = 1024
+    # The conversation's KV cache: "" keeps the app's (its --cache options); "full" or "sink"
+    # choose a policy, with the sink policy's sinks and window (None: the app's, or the default).
+    cache: str = ""
+    sinks: int | None = None
+    window: int | None = None
 
     def __post_init__(self):
         if not isinstance(self.system, str):
@@ -34,6 +40,17 @@ class ChatSettings:
             isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, Integral) or self.max_tokens < 1
         ):
             raise InvalidParameterError(f"max_tokens must be a positive integer or empty, got {self.max_tokens!r}")
+        if self.cache not in ("", *POLICIES):
+            raise InvalidParameterError(f"cache must be empty or one of {', '.join(POLICIES)}, got {self.cache!r}")
+        self.cache_spec(CacheSpec())
+
+    def cache_spec(self, base: CacheSpec) -> CacheSpec | None:
+        """The conversation's cache: `base` (the app's) with this conversation's choices, or None
+        to keep the app's. InvalidParameterError names a bad combination."""
+        if not self.cache:
+            return None
+        sizes = {name: value for name in ("sinks", "window") if (value := getattr(self, name)) is not None}
+        return replace(base, policy=self.cache, **sizes)
 
     def generation_options(self) -> dict:
         """Keyword arguments of a generation call."""
