@@ -54,3 +54,11 @@ class CancelledError(LocalLLMError):
 
 class SessionFileError(LocalLLMError):
     """A saved session cannot be loaded: truncated, another format version, or another model."""
+
+
+class IncompatibleDraftError(LocalLLMError):
+    """A draft model for speculative decoding does not share the target's vocabulary."""
+
+
+class QuantizeError(LocalLLMError):
+    """A model cannot be quantized as asked (names the tensor where there is one)."""

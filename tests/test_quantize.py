@@ -16,10 +16,10 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFWriter
 from gguf import quants as gguf_quants
 from test_cli_errors import needs_mounts
 
-from localllm.errors import InvalidParameterError
+from localllm.errors import InvalidParameterError, QuantizeError
 from localllm.formats.gguf import open_gguf
 from localllm.runtime.llm import LLM
-from localllm.runtime.quantize import TARGETS, QuantizeError, quantize
+from localllm.runtime.quantize import TARGETS, quantize
 
 from conftest import REFERENCE
 from test_models import MAX_DELTA, MEDIAN_DELTA
@@ -155,3 +155,23 @@ def test_a_full_disk_leaves_no_partial_output(tmp_path, model_path):
     result = subprocess.run(["unshare", "-rm", "sh", "-ec", script], capture_output=True, text=True, timeout=300)
     assert "OSError" in result.stderr and "space" in result.stderr, result.stderr[-2000:]
     assert result.stdout.strip().splitlines() == ["status 1"], result.stdout
+
+
+def test_the_command_line(tmp_path):
+    source = tmp_path / "tiny.gguf"
+    write_tiny_model(source, cols=256)
+    cli = [sys.executable, "-m", "localllm.runtime.cli", "quantize"]
+    done = subprocess.run(
+        [*cli, str(source), str(tmp_path / "out.gguf"), "--type", "tq1_0"], capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr
+    # 4 rows of one TQ1_0 block, and the F32 norm.
+    assert done.stdout.strip() == f"{tmp_path / 'out.gguf'}: 2 tensors, 1 converted, 1.2 kB of tensor data"
+    assert open_gguf(tmp_path / "out.gguf").tensors["blk.0.ffn_up.weight"].type == Q.TQ1_0
+    # Progress goes to stderr, a line per tenth of the bytes when stderr is not a terminal.
+    assert done.stderr.splitlines()[-1] == "quantize: 2/2 tensors, 1.2 kB of 1.2 kB"
+    bad = subprocess.run(
+        [*cli, str(source), str(tmp_path / "bad.gguf"), "--type", "Q9"], capture_output=True, text=True
+    )
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "unknown quantization type 'Q9'" in bad.stderr
+    assert not (tmp_path / "bad.gguf").exists()

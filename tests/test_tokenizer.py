@@ -330,7 +330,8 @@ def test_unknown_pre_tokenizer_falls_back_to_gpt2(smollm_metadata, caplog):
 def test_every_catalog_model_has_a_reference():
     assert set(CATALOG_MODELS) <= set(REFERENCE_MODELS)
     references = {p.stem for p in REFERENCE.glob("*.json") if not p.name.endswith(".greedy_margins.json")}
-    assert references == set(REFERENCE_MODELS)
+    # The synthetic BitNet model borrows SmolLM2's tokenizer; test_bitnet checks its tokens.
+    assert references - {"bitnet-synthetic"} == set(REFERENCE_MODELS)
 
 
 @pytest.mark.parametrize("name", by_model(["smollm2-135m-instruct", "qwen2.5-coder-0.5b-instruct"]))

@@ -154,6 +154,28 @@ def _generation_options(args: argparse.Namespace) -> dict:
     return options
 
 
+def _draft_options(args: argparse.Namespace) -> dict:
+    """LLM's speculative decoding keywords from --draft and --draft-max, checked before any
+    model loads (a draft model is only looked up in the catalog or on disk here)."""
+    from localllm.runtime.catalog import lookup
+    from localllm.runtime.llm import AUTO, LOOKUP
+    from localllm.runtime.speculative import DEFAULT_DRAFT_MAX, MAX_DRAFT
+
+    if args.draft is None:
+        if args.draft_max is not None:
+            raise InvalidParameterError("--draft-max needs --draft")
+        return {}
+    draft_max = DEFAULT_DRAFT_MAX if args.draft_max is None else args.draft_max
+    if not 1 <= draft_max <= MAX_DRAFT:
+        raise InvalidParameterError(f"--draft-max must be between 1 and {MAX_DRAFT} tokens, got {draft_max}")
+    if args.draft not in (AUTO, LOOKUP) and not Path(args.draft).is_file():
+        try:
+            lookup(args.draft)
+        except LocalLLMError as error:
+            raise InvalidParameterError(f"--draft: {error}; or give {AUTO}, {LOOKUP} or a .gguf path") from None
+    return {"draft": args.draft, "draft_max": draft_max}
+
+
 def _check_context_and_threads(args: argparse.Namespace) -> None:
     from localllm.kernels.cpu.threads import max_threads
 
@@ -247,6 +269,16 @@ def _print_stats(completion, seed: int | None = None, stream=sys.stderr) -> None
     ]
     if seed is not None:
         lines.append(f"seed:             {seed}")
+    speculative = stats.speculative
+    if speculative is not None:
+        rate = "n/a" if speculative.acceptance_rate is None else f"{speculative.acceptance_rate:.0%}"
+        mean = "n/a" if speculative.mean_accepted_length is None else f"{speculative.mean_accepted_length:.2f}"
+        lines += [
+            f"draft:            {speculative.drafter}, {speculative.drafted} tokens drafted, "
+            f"{speculative.accepted} accepted ({rate}), {mean} per drafting round",
+            f"rounds:           {speculative.rounds}, {speculative.drafting_rounds} with a draft",
+            f"draft / verify:   {speculative.draft_seconds:.2f} s / {speculative.verify_seconds:.2f} s",
+        ]
     print("\n".join(lines), file=stream, flush=True)
 
 
@@ -322,6 +354,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         raise InvalidParameterError("--system needs the chat template; drop --raw")
     _check_context_and_threads(args)
     cache = _cache_options(args)
+    draft = _draft_options(args)
     cancel = threading.Event()
     options = {**_generation_options(args), "cancel": cancel}
     prompt = _read_prompt(args)
@@ -332,6 +365,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
             threads=args.threads,
             compile_progress=_CompileNotice(),
             **cache,
+            **draft,
         ) as llm,
         _interrupt_sets(cancel),
     ):
@@ -407,8 +441,22 @@ def _args_generate(parser: argparse.ArgumentParser) -> None:
         help="plain completion: the prompt as is, no chat template (default when the model has none)",
     )
     parser.add_argument("--no-bos", action="store_true", help="with plain completion, do not add the BOS token")
+    parser.add_argument(
+        "--draft",
+        metavar="MODEL|auto|lookup",
+        help="speculative decoding, same output: draft with a model sharing this one's vocabulary, the "
+        "catalog's draft for this model (auto; lookup when it has none), or prompt lookup (no model)",
+    )
+    parser.add_argument(
+        "--draft-max",
+        type=int,
+        metavar="K",
+        help="with --draft: most tokens drafted per round; each round's length is measured to pay (default 8)",
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON object at the end instead of streaming")
-    parser.add_argument("-v", "--verbose", action="store_true", help="timings, seed and peak memory on stderr")
+    parser.add_argument(
+        "-v", "--verbose", action="store_true", help="timings, seed, peak memory and drafting stats on stderr"
+    )
     _add_cache_arguments(
         parser,
         "KV cache policy: full (--ctx tokens, then the context is full) or sink "
@@ -625,6 +673,67 @@ def _args_chat(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _cmd_quantize(args: argparse.Namespace) -> int:
+    from rich.filesize import decimal
+
+    from localllm.runtime.catalog import ensure_model
+    from localllm.runtime.quantize import quantize, target_of
+
+    # An unknown type fails before a catalog model is pulled for nothing.
+    target_of(args.type)
+    source = ensure_model(args.input)
+    with _quantize_progress(not args.quiet) as report:
+        plans = quantize(source, args.output, args.type, progress=report)
+    converted = sum(p.converted for p in plans)
+    written = sum(p.nbytes for p in plans)
+    print(f"{args.output}: {len(plans)} tensors, {converted} converted, {decimal(written)} of tensor data")
+    return 0
+
+
+@contextlib.contextmanager
+def _quantize_progress(enabled: bool):
+    """A progress callback for quantize: live bars on a terminal, a line per tenth of the bytes
+    elsewhere (a log or a pipe), nothing when not `enabled`."""
+    if not enabled:
+        yield None
+        return
+    from rich.console import Console
+    from rich.filesize import decimal
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeElapsedColumn
+
+    console = Console(stderr=True)
+    if not console.is_terminal:
+        shown = [-1]
+
+        def lines(done: int, n: int, written: int, total: int) -> None:
+            tenths = written * 10 // max(total, 1)
+            if tenths > shown[0]:
+                shown[0] = tenths
+                print(
+                    f"quantize: {done}/{n} tensors, {decimal(written)} of {decimal(total)}", file=sys.stderr, flush=True
+                )
+
+        yield lines
+        return
+    columns = (TextColumn("quantizing"), BarColumn(), DownloadColumn(), TextColumn("{task.fields[tensors]}"))
+    with Progress(*columns, TimeElapsedColumn(), console=console) as display:
+        task = display.add_task("quantizing", total=None, tensors="")
+
+        def bars(done: int, n: int, written: int, total: int) -> None:
+            display.update(task, completed=written, total=total, tensors=f"{done}/{n} tensors")
+
+        yield bars
+
+
+def _args_quantize(parser: argparse.ArgumentParser) -> None:
+    from localllm.runtime.quantize import TARGETS
+
+    parser.add_argument("input", help="catalog name or path to a .gguf file")
+    parser.add_argument("output", help="the .gguf file to write (written whole, then renamed into place)")
+    parser.add_argument("--type", required=True, help=f"block format of the weights: {', '.join(TARGETS)}")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress display")
+
+
 _SUBCOMMANDS: list[
     tuple[
         str,
@@ -646,6 +755,12 @@ _SUBCOMMANDS: list[
     ),
     ("bench", "prompt processing and generation speed, like llama-bench", _args_bench, _cmd_bench),
     ("chat", "chat in a terminal app (a line-by-line REPL without a terminal)", _args_chat, _cmd_chat),
+    (
+        "quantize",
+        "convert a model's weights to another block format, as llama-quantize does",
+        _args_quantize,
+        _cmd_quantize,
+    ),
 ]
 
 

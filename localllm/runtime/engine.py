@@ -5,6 +5,10 @@ session's, which may already hold the start of the prompt. It is an iterator of 
 tokens arrive; once it ends (finished, or closed by the consumer), `Generation.completion`
 holds the whole `Completion` with its `GenerationStats`.
 
+Tokens come from a token stepper: `plain_steps` (one forward per token) or, with a drafter,
+`speculative.speculative_steps` (several tokens per forward); the loop here is the text layer
+over either, as mlx-lm separates `generate_step` from `stream_generate`.
+
 Text is produced by the tokenizer's streaming decoder, so a chunk never holds half a UTF-8
 character, and passes through `StopStrings`, so a stop string split across tokens is never
 emitted. A chunk's text may therefore be empty (held back while it could still start a stop
@@ -22,6 +26,7 @@ from numbers import Integral
 
 from localllm.errors import CancelledError, ContextOverflowError, InvalidParameterError
 from localllm.runtime.sampling import Sampler, SamplingParams
+from localllm.runtime.speculative import Speculation, SpeculativeStats
 from localllm.runtime.stopping import StopReason, StopStrings
 
 # Keyword arguments a generation call takes besides the SamplingParams fields.
@@ -55,6 +60,8 @@ class GenerationStats:
     decode_seconds: float = 0.0
     time_to_first_token: float | None = None
     total_seconds: float = 0.0
+    # Set when the generation speculated: drafted and accepted tokens, time in draft and verify.
+    speculative: SpeculativeStats | None = None
 
     @property
     def processed_prompt_tokens(self) -> int:
@@ -70,6 +77,7 @@ class GenerationStats:
 
     def as_dict(self) -> dict:
         data = asdict(self)
+        data["speculative"] = self.speculative.as_dict() if self.speculative is not None else None
         data["processed_prompt_tokens"] = self.processed_prompt_tokens
         data["prompt_tokens_per_second"] = self.prompt_tokens_per_second
         data["tokens_per_second"] = self.tokens_per_second
@@ -189,7 +197,8 @@ class Generation:
     thread starting another generation under the lock), and `prepare_cache(prompt_ids)` returns
     the KV cache to use and how many leading prompt tokens it already holds; only the rest is
     prefilled. `n_ctx`, when given, refuses at once a prompt that cannot fit. `on_end(completion,
-    cache)` is called, still under the lock, once the generation has ended.
+    cache)` is called, still under the lock, once the generation has ended. With `speculation`,
+    tokens are drafted and verified several at a time (the same tokens, when greedy).
     """
 
     def __init__(
@@ -204,6 +213,7 @@ class Generation:
         lock: GenerationLock | None = None,
         load_seconds: float = 0.0,
         on_end: Callable[[Completion, object], None] | None = None,
+        speculation: Speculation | None = None,
     ):
         self.prompt_ids = [int(i) for i in prompt_ids]
         if not self.prompt_ids:
@@ -213,7 +223,9 @@ class Generation:
         self.request = request
         sampler = Sampler(request.sampling, model.n_vocab)
         self._outcome = _Outcome(GenerationStats(load_seconds=load_seconds, prompt_tokens=len(self.prompt_ids)))
-        chunks = _chunks(model, tokenizer, sampler, self.prompt_ids, request, prepare_cache, self._outcome, on_end)
+        chunks = _chunks(
+            model, tokenizer, sampler, self.prompt_ids, request, prepare_cache, self._outcome, on_end, speculation
+        )
         if lock is None:
             self._chunks = chunks
         else:
@@ -257,9 +269,26 @@ def _holding(lock: GenerationLock, chunks: Iterator[Chunk], itself: list[weakref
         lock.release()
 
 
+def plain_steps(model, cache, sampler: Sampler, context: list[int], logits, stats: GenerationStats
+                ) -> Iterator[tuple[int, float]]:  # fmt: skip
+    """Yield (token, logprob) one decode step at a time, appending each token to `context`;
+    `logits` are the model's after `context`, which the cache holds. Ends when the cache is full."""
+    while True:
+        token, logprob = sampler.sample(logits, context)
+        context.append(token)
+        yield token, logprob
+        if not cache.has_room(1):
+            return
+        step_start = time.perf_counter()
+        logits = model.forward([token], cache)
+        stats.decode_seconds += time.perf_counter() - step_start
+        stats.decode_tokens += 1
+
+
 def _chunks(model, tokenizer, sampler: Sampler, prompt_ids: list[int], request: GenerationRequest,
             prepare_cache: Callable[[list[int]], tuple[object, int]], outcome: _Outcome,
-            on_end: Callable[[Completion, object], None] | None) -> Iterator[Chunk]:  # fmt: skip
+            on_end: Callable[[Completion, object], None] | None,
+            speculation: Speculation | None) -> Iterator[Chunk]:  # fmt: skip
     stats = outcome.stats
     eos_ids = frozenset(tokenizer.eos_ids)
     decoder = tokenizer.stream_decoder(skip_special=True)
@@ -270,6 +299,7 @@ def _chunks(model, tokenizer, sampler: Sampler, prompt_ids: list[int], request: 
     reason = StopReason.CANCELLED
     started = time.perf_counter()
     cache = None
+    steps = None
     try:
         cache, reused = prepare_cache(context)
         stats.reused_tokens = reused
@@ -279,16 +309,23 @@ def _chunks(model, tokenizer, sampler: Sampler, prompt_ids: list[int], request: 
         except CancelledError:
             return
         stats.prompt_seconds = time.perf_counter() - started
+        if speculation is None:
+            steps = plain_steps(model, cache, sampler, context, logits, stats)
+        else:
+            steps = speculation.steps(model, cache, sampler, context, logits, stats, request.max_tokens, request.cancel)
         while True:
             if request.cancel is not None and request.cancel.is_set():
                 break
-            token, logprob = sampler.sample(logits, context)
+            step = next(steps, None)
+            if step is None:
+                reason = StopReason.LENGTH
+                break
+            token, logprob = step
             if stats.time_to_first_token is None:
                 stats.time_to_first_token = time.perf_counter() - started
             if token in eos_ids:
                 reason = StopReason.STOP
                 break
-            context.append(token)
             generated.append(token)
             text, stopped = stops.feed(decoder.push(token))
             texts.append(text)
@@ -296,15 +333,9 @@ def _chunks(model, tokenizer, sampler: Sampler, prompt_ids: list[int], request: 
             if stopped:
                 reason = StopReason.STOP
                 break
-            if len(generated) == request.max_tokens or not cache.has_room(1):
+            if len(generated) == request.max_tokens:
                 reason = StopReason.LENGTH
                 break
-            if request.cancel is not None and request.cancel.is_set():
-                break
-            step_start = time.perf_counter()
-            logits = model.forward([token], cache)
-            stats.decode_seconds += time.perf_counter() - step_start
-            stats.decode_tokens += 1
         if not stops.stopped:
             tail, stopped = stops.feed(decoder.flush())
             if stopped:
@@ -315,6 +346,9 @@ def _chunks(model, tokenizer, sampler: Sampler, prompt_ids: list[int], request: 
                 texts.append(tail)
                 yield Chunk(tail, None, None)
     finally:
+        # Closing a speculative stepper rolls its cache back to the tokens consumed.
+        if steps is not None:
+            steps.close()
         stats.completion_tokens = len(generated)
         stats.total_seconds = time.perf_counter() - started
         outcome.completion = Completion("".join(texts), generated, reason, stats)

@@ -7,6 +7,7 @@ import time
 from collections.abc import Callable, Sequence
 from functools import cached_property
 from numbers import Integral
+from pathlib import Path
 
 import numpy as np
 
@@ -16,9 +17,18 @@ from localllm.formats.gguf import open_gguf
 from localllm.formats.tokenizer import Tokenizer
 from localllm.kernels import cpu as kernels
 from localllm.runtime.cache import CacheSpec
-from localllm.runtime.catalog import ensure_model
+from localllm.runtime.catalog import ensure_model, entry_for_path
+from localllm.runtime.drafters.draft_model import DraftModelDrafter, load_draft_model
+from localllm.runtime.drafters.prompt_lookup import PromptLookupDrafter
 from localllm.runtime.engine import Completion, Generation, GenerationLock, GenerationRequest
 from localllm.runtime.models import load_model
+from localllm.runtime.speculative import DEFAULT_DRAFT_MAX, DraftLengthPolicy, Speculation, check_draft_max
+
+# `draft` values that name no model: prompt lookup, and the catalog's choice for the model.
+LOOKUP = "lookup"
+AUTO = "auto"
+# `session(draft=...)` left out: the session drafts as its LLM does.
+SAME_AS_LLM = object()
 
 # The context allocated when the caller does not ask for one: enough for chat, and the
 # training context of small models would otherwise reserve (lazily) a very large cache.
@@ -39,6 +49,14 @@ class LLM:
     the model needs (kernels.warm_up), so the first token never waits on a compile;
     `compile_progress(label, done, total)` follows its steps (a cold cache takes tens of
     seconds, on the first run on a machine).
+
+    `draft` turns on speculative decoding (the same tokens when greedy, the same distribution
+    when sampling; faster where the drafts are good, about as fast where they are not):
+    "lookup" drafts by prompt lookup, a catalog name or GGUF path drafts with that model (its
+    vocabulary must be this model's, else IncompatibleDraftError), "auto" with the catalog's
+    draft model for this one, or prompt lookup when it names none. `draft_max` bounds the
+    tokens drafted per round; the length is chosen each round by measurement
+    (`draft_adaptive=False`: always `draft_max`, for reproducible seeded sampling).
     """
 
     def __init__(
@@ -53,11 +71,19 @@ class LLM:
         sinks: int = 4,
         window: int = 1024,
         kv_dtype: str = "f16",
+        draft: str | os.PathLike | None = None,
+        draft_max: int = DEFAULT_DRAFT_MAX,
+        draft_adaptive: bool = True,
     ):
         started = time.perf_counter()
         # Held for a whole generation (or logits call): they share the one KV cache.
         self._lock = GenerationLock()
         self.path = ensure_model(model)
+        check_draft_max(draft_max)
+        self.draft_max = draft_max
+        self.draft_adaptive = draft_adaptive
+        # Draft models by path, loaded once and shared by every session that drafts with them.
+        self._draft_models: dict = {}
         if threads is not None:
             kernels.set_threads(threads)
         self.gguf = open_gguf(self.path)
@@ -70,12 +96,15 @@ class LLM:
             self.cache_spec = CacheSpec(policy=cache, n_ctx=n_ctx, sinks=sinks, window=window, kv_dtype=kv_dtype)
             self.n_ctx = n_ctx
             self.cache = self.model.new_cache(self.cache_spec)
+            self.draft = self._resolve_draft(draft)
+            self._speculation = self.speculation(self.draft, self.cache_spec)
+            files = [self.gguf, *(gguf for gguf, _ in self._draft_models.values())]
             matrix_types = {
-                t.type for t in self.gguf.tensors.values() if len(t.shape) == 2 and t.type in kernels.KERNELS
+                t.type for f in files for t in f.tensors.values() if len(t.shape) == 2 and t.type in kernels.KERNELS
             }
             kernels.warm_up(sorted(matrix_types), progress=compile_progress)
         except BaseException:
-            self.gguf.close()
+            self._close_files()
             raise
         self.load_seconds = time.perf_counter() - started
 
@@ -167,24 +196,61 @@ class LLM:
             n_ctx=self.n_ctx if self.cache_spec.policy == "full" else None,
             lock=self._lock,
             load_seconds=self.load_seconds,
+            speculation=self._speculation,
         )
+
+    def _resolve_draft(self, draft) -> str | Path | None:
+        """LOOKUP, the path of a draft model, or None (no speculation) for a `draft` argument."""
+        if draft is None or draft == LOOKUP:
+            return draft
+        if draft == AUTO:
+            entry = entry_for_path(self.path)
+            draft = entry.draft if entry is not None and entry.draft else LOOKUP
+            if draft == LOOKUP:
+                return draft
+        if not isinstance(draft, (str, os.PathLike)):
+            raise InvalidParameterError(f"draft must be a model, {AUTO!r}, {LOOKUP!r} or None, got {draft!r}")
+        return ensure_model(draft)
+
+    def speculation(self, draft, spec: CacheSpec) -> Speculation | None:
+        """A new drafter for `draft` (as `LLM(draft=...)` takes it) over caches of `spec`, with its
+        own draft-length policy; None without a draft."""
+        draft = self._resolve_draft(draft)
+        if draft is None:
+            return None
+        policy = DraftLengthPolicy(self.draft_max, adaptive=self.draft_adaptive)
+        if draft == LOOKUP:
+            return Speculation(PromptLookupDrafter(), policy)
+        if draft not in self._draft_models:
+            self._draft_models[draft] = load_draft_model(
+                draft, self.model, self.tokenizer, quantize_activations=self.model.quantize_activations
+            )
+        return Speculation(DraftModelDrafter(self._draft_models[draft][1], spec), policy)
 
     def _fresh_cache(self, prompt_ids: list[int]):
         self.reset()
         return self.cache, 0
 
-    def session(self, system: str | None = None, cache: CacheSpec | str | None = None, **options):
+    def session(self, system: str | None = None, cache: CacheSpec | str | None = None, draft=SAME_AS_LLM,
+                **options):  # fmt: skip
         """A new conversation (`Session`) over this model, with its own KV cache: `cache` is a
         CacheSpec, a policy name ("full", "sink") with this LLM's other cache settings, or None
-        for this LLM's. `options` are the default generation options of every `send`."""
+        for this LLM's. `draft` as for `LLM` (default: this LLM's own); `options` are the
+        default generation options of every `send`."""
         from localllm.runtime.session import Session
 
-        return Session(self, system=system, cache=cache, **options)
+        return Session(self, system=system, cache=cache, draft=self.draft if draft is SAME_AS_LLM else draft,
+                       **options)  # fmt: skip
 
     def close(self) -> None:
         """Release the file; waits for a generation running in another thread to end."""
         with self._lock:
-            self.gguf.close()
+            self._close_files()
+
+    def _close_files(self) -> None:
+        self.gguf.close()
+        for gguf, _ in self._draft_models.values():
+            gguf.close()
 
     def __enter__(self) -> LLM:
         return self

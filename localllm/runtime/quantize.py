@@ -35,7 +35,7 @@ import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFReader, GGUFValueType, GGUFWriter, LlamaFileType
 from gguf import quants as gguf_quants
 
-from localllm.errors import GGUFError, InvalidParameterError, LocalLLMError
+from localllm.errors import GGUFError, InvalidParameterError, QuantizeError
 from localllm.formats.gguf import open_gguf
 from localllm.kernels import cpu as kernels
 
@@ -59,10 +59,6 @@ _FALLBACK = {Q.TQ1_0: Q.Q4_0, Q.TQ2_0: Q.Q4_0, Q.Q4_K: Q.Q5_0, Q.Q6_K: Q.Q8_0}
 _SPLIT_KEYS = ("split.no", "split.count", "split.tensors.count")
 # Rows converted at a time: the float32 copy of a chunk stays around 64 MB for the widest rows.
 _CHUNK_VALUES = 1 << 24
-
-
-class QuantizeError(LocalLLMError):
-    """The input cannot be quantized as asked (one line, naming the tensor where there is one)."""
 
 
 @dataclass(frozen=True)

@@ -153,6 +153,28 @@ class Sampler:
         token = drawn if ids is None else int(ids[drawn])
         return token, float(scaled[drawn]) - math.log(total)
 
+    def distribution(self, logits: np.ndarray, recent_tokens: Sequence[int] = ()) -> np.ndarray:
+        """The probabilities `sample` draws from, over the whole vocabulary (float64): after
+        bias, penalties, the filters and the temperature; one-hot on the argmax when greedy.
+
+        Speculative sampling compares the target's and the draft's versions of this."""
+        x = self.processed_logits(logits, recent_tokens)
+        shift = _checked_max(x)
+        probs = np.zeros(self.n_vocab, dtype=np.float64)
+        if self.params.greedy:
+            probs[int(np.argmax(x))] = 1.0
+            return probs
+        ids = self._filtered(x, shift)
+        values = x if ids is None else x[ids]
+        weights = np.exp(((values - shift) / np.float32(self.params.temperature)).astype(np.float64))
+        probs[slice(None) if ids is None else ids] = weights / weights.sum()
+        return probs
+
+    def draw(self, weights: np.ndarray) -> int:
+        """An index drawn with probability proportional to the non-negative `weights`, from this
+        sampler's generator (speculative sampling's resampling step)."""
+        return _draw(weights, self.rng.random())[0]
+
     def candidates(self, logits: np.ndarray, recent_tokens: Sequence[int] = ()) -> np.ndarray:
         """Ids of the tokens a non-greedy draw can pick, best first when top-k or top-p ran."""
         x = self.processed_logits(logits, recent_tokens)

@@ -84,10 +84,13 @@ class Session:
     `cache` is a CacheSpec, a policy name ("full" or "sink", with the LLM's other cache
     settings) or None for the LLM's own. Under "sink" the conversation never runs out of room.
     `options` are default generation options (sampling, max_tokens, stop) for every `send`.
+    `draft` turns on speculative decoding as `LLM(draft=...)` does; a draft model gets a cache of
+    its own beside the session's, and keeps it between turns too.
     One conversation is one sequence of turns: `send` again closes a stream still open.
     """
 
-    def __init__(self, llm, system: str | None = None, cache: CacheSpec | str | None = None, **options):
+    def __init__(self, llm, system: str | None = None, cache: CacheSpec | str | None = None, draft=None,
+                 **options):  # fmt: skip
         if cache is None:
             spec = llm.cache_spec
         elif isinstance(cache, str):
@@ -100,6 +103,8 @@ class Session:
         self.llm = llm
         self.options = dict(options)
         self.cache = llm.model.new_cache(spec)
+        self.draft = draft
+        self._speculation = llm.speculation(draft, spec)
         self._messages: list[dict] = [] if system is None else [{"role": "system", "content": system}]
         # The token of every entry in the cache, in order: what a new prompt is matched against.
         self._tokens: list[int] = []
@@ -142,6 +147,7 @@ class Session:
             lock=self.llm._lock,
             load_seconds=self.llm.load_seconds,
             on_end=lambda completion, cache: self._record(messages, prompt, completion, cache),
+            speculation=self._speculation,
         )
         self._running = weakref.ref(generation)
         return generation if stream else generation.run()
@@ -203,7 +209,7 @@ class Session:
         """A session continuing the conversation saved at `path`, on `llm` (the same model
         file); `options` are its default generation options."""
         header, payload = _read(Path(path), llm)
-        session = cls(llm, cache=_spec_of(header), **options)
+        session = cls(llm, cache=_spec_of(header), **{"draft": llm.draft, **options})
         session._apply(header, payload, Path(path).name)
         return session
 
@@ -211,10 +217,11 @@ class Session:
         """Replace this conversation by the one saved at `path`; on any error (another model,
         a truncated or foreign file) the session is left as it was."""
         header, payload = _read(Path(path), self.llm)
-        replacement = Session(self.llm, cache=_spec_of(header), **self.options)
+        replacement = Session(self.llm, cache=_spec_of(header), draft=self.draft, **self.options)
         replacement._apply(header, payload, Path(path).name)
         with self.llm._lock:
             self.cache, self._messages, self._tokens = replacement.cache, replacement._messages, replacement._tokens
+            self._speculation = replacement._speculation
 
     def _apply(self, header: dict, payload: memoryview, name: str) -> None:
         try:

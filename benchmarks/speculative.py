@@ -1,0 +1,137 @@
+"""Speculative decoding against plain decoding on a fixed prompt set: tokens/s and ratios.
+
+Run: python benchmarks/speculative.py [--model qwen2.5-coder-1.5b-instruct] [--draft NAME]
+     [--tokens 128] [--draft-max 4] [--threads 2] [--prompts code,edit,...]
+
+Every prompt is answered greedily in chat form with EOS banned, so each run generates exactly
+--tokens tokens, by each configuration: plain decoding; prompt lookup and the draft model with
+a fixed draft length (--draft-max every round); and both with the adaptive draft length (up to
+8). Configurations alternate within each prompt so that load on a shared machine falls on all
+of them alike. Speed is generated tokens over the time from the end of the prompt's prefill to
+the last token, so it includes the draft model's own prefill. Every speculative run is checked
+to produce the plain run's tokens.
+"""
+
+import argparse
+import time
+
+from localllm.runtime.catalog import lookup
+from localllm.runtime.llm import LLM
+
+EDITED_CODE = """def parse_config(path):
+    settings = {}
+    with open(path) as handle:
+        for line in handle:
+            line = line.strip()
+            if not line or line.startswith("#"):
+                continue
+            key, _, value = line.partition("=")
+            settings[key.strip()] = value.strip()
+    return settings
+
+
+def merge(defaults, overrides):
+    merged = dict(defaults)
+    for key, value in overrides.items():
+        if value is not None:
+            merged[key] = value
+    return merged
+"""
+
+PARAGRAPH = (
+    "The Rhine rises in the Swiss Alps, flows north through Lake Constance, turns west along the "
+    "German-Swiss border and then north again through the Upper Rhine Plain, where it forms the "
+    "border between France and Germany. Below Mainz it cuts through the Rhine Gorge, a UNESCO "
+    "World Heritage Site known for its castles and vineyards, before reaching the industrial "
+    "Ruhr area and entering the Netherlands, where it splits into several branches that reach "
+    "the North Sea near Rotterdam. For centuries it has been one of Europe's busiest waterways."
+)
+
+PROMPTS = {
+    "code": 'Write the Python function described by this docstring:\n\ndef top_words(text, n):\n    """Return '
+    "the n most frequent words of text, lower-cased, as (word, count) pairs sorted by count then "
+    'alphabetically."""',
+    "edit": "Return this code with one change: rename the function merge to merge_settings. "
+    "Reply with the whole code only.\n\n" + EDITED_CODE,
+    "chat": "I am planning a weekend trip to the mountains in autumn. What should I pack, and what "
+    "should I watch out for?",
+    "summary": "Summarise this paragraph in three sentences:\n\n" + PARAGRAPH,
+}
+
+
+def configurations(model, draft: str, draft_max: int) -> dict[str, dict]:
+    return {
+        "plain": {},
+        f"lookup k={draft_max}": {"draft": "lookup", "draft_max": draft_max, "draft_adaptive": False},
+        f"draft k={draft_max}": {"draft": draft, "draft_max": draft_max, "draft_adaptive": False},
+        "lookup adaptive": {"draft": "lookup", "draft_max": 8},
+        "draft adaptive": {"draft": draft, "draft_max": 8},
+    }
+
+
+def run(llm: LLM, prompt: str, tokens: int):
+    no_eos = {token: float("-inf") for token in llm.tokenizer.eos_ids}
+    completion = llm.chat([{"role": "user", "content": prompt}], max_tokens=tokens, temperature=0, logit_bias=no_eos)
+    stats = completion.stats
+    return completion, stats.completion_tokens / (stats.total_seconds - stats.prompt_seconds)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="qwen2.5-coder-1.5b-instruct")
+    parser.add_argument("--draft", help="draft model (default: the catalog's draft for --model)")
+    parser.add_argument("--tokens", type=int, default=128)
+    parser.add_argument("--draft-max", type=int, default=4, help="draft length of the fixed-length rows")
+    parser.add_argument("--threads", default="2")
+    parser.add_argument("--prompts", default=",".join(PROMPTS), help="comma-separated subset of " + ",".join(PROMPTS))
+    args = parser.parse_args()
+    draft = args.draft or lookup(args.model).draft or "lookup"
+    threads = args.threads if args.threads == "auto" else int(args.threads)
+    names = args.prompts.split(",")
+
+    llms = {}
+    try:
+        for label, options in configurations(args.model, draft, args.draft_max).items():
+            llms[label] = LLM(args.model, n_ctx=1024, threads=threads, **options)
+        # Compile and touch every weight page once before anything is timed.
+        for llm in llms.values():
+            run(llm, "Hi", 4)
+        speeds = {label: {} for label in llms}
+        notes = {label: {} for label in llms}
+        for name in names:
+            plain_tokens = None
+            for label, llm in llms.items():
+                started = time.perf_counter()
+                completion, speed = run(llm, PROMPTS[name], args.tokens)
+                speeds[label][name] = speed
+                if plain_tokens is None:
+                    plain_tokens = completion.token_ids
+                spec = completion.stats.speculative
+                exact = "" if completion.token_ids == plain_tokens else " NOT EXACT"
+                if spec is not None:
+                    rate = spec.acceptance_rate
+                    notes[label][name] = f"{spec.accepted}/{spec.drafted} ({0 if rate is None else rate:.0%}){exact}"
+                print(f"  {name:8} {label:18} {speed:6.2f} t/s  ({time.perf_counter() - started:.1f} s){exact}")
+    finally:
+        for llm in llms.values():
+            llm.close()
+
+    print(f"\n{args.model}, draft {draft}, {args.tokens} tokens, greedy, {args.threads} threads")
+    print(f"{'configuration':18} " + " ".join(f"{name:>24}" for name in names))
+    plain = speeds["plain"]
+    for label, row in speeds.items():
+        cells = []
+        for name in names:
+            cell = f"{row[name]:.2f} t/s"
+            if label != "plain":
+                cell += f" {row[name] / plain[name]:.2f}x"
+            cells.append(f"{cell:>24}")
+        print(f"{label:18} " + " ".join(cells))
+    print("\naccepted / drafted")
+    for label, row in notes.items():
+        if row:
+            print(f"{label:18} " + " ".join(f"{row[name]:>24}" for name in names))
+
+
+if __name__ == "__main__":
+    main()

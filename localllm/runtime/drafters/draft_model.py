@@ -1,0 +1,136 @@
+"""A small model of the same family drafts for the big one: it proposes tokens one decode step
+at a time, on its own KV cache, until it has k of them or is no longer confident."""
+
+from __future__ import annotations
+
+import math
+import time
+
+from localllm.errors import CancelledError, IncompatibleDraftError, InvalidParameterError
+from localllm.formats.gguf import open_gguf
+from localllm.formats.tokenizer import Tokenizer
+from localllm.runtime.drafters import NO_DRAFT, Draft
+from localllm.runtime.models import load_model
+
+# Drafting stops once the draft's most likely next token has less probability than this: such
+# a token is rarely the target's, and verifying it would cost more than it is likely to give.
+DEFAULT_MIN_CONFIDENCE = 0.5
+# Tokens a round normally feeds the draft before proposing: the last proposal, when every one
+# was kept, and the target's own token.
+_ROUND_CATCH_UP = 2
+
+
+def check_compatible(target_tokenizer, draft_tokenizer, target_n_vocab: int, draft_n_vocab: int, name: str) -> None:
+    """Refuse a draft whose token ids do not mean what the target's mean: the same texts, types
+    and special tokens, in the same order. The error names the first token that differs."""
+
+    def describe(tokenizer, token_id):
+        if token_id >= tokenizer.vocab_size:
+            return "absent"
+        return f"{tokenizer.token_text(token_id)!r} ({tokenizer.token_type(token_id).name.lower()})"
+
+    for token_id in range(max(target_tokenizer.vocab_size, draft_tokenizer.vocab_size)):
+        target, draft = describe(target_tokenizer, token_id), describe(draft_tokenizer, token_id)
+        if target != draft:
+            raise IncompatibleDraftError(
+                f"draft model {name} has another vocabulary: token {token_id} is {target} for the target, "
+                f"{draft} for the draft"
+            )
+    for label in ("bos_id", "eos_id", "eos_ids"):
+        if getattr(target_tokenizer, label) != getattr(draft_tokenizer, label):
+            raise IncompatibleDraftError(
+                f"draft model {name} has other special tokens: {label} is {getattr(target_tokenizer, label)} "
+                f"for the target, {getattr(draft_tokenizer, label)} for the draft"
+            )
+    if target_n_vocab != draft_n_vocab:
+        raise IncompatibleDraftError(f"draft model {name} has {draft_n_vocab} output rows, the target {target_n_vocab}")
+
+
+class DraftModelDrafter:
+    """Drafts with `model` on a cache of its own (built from `cache_spec`, so it follows the
+    target's policy). The cache is kept in step with the context by its longest common prefix,
+    so rejected draft tokens are rolled back and a session's earlier turns are reused."""
+
+    name = "model"
+
+    def __init__(self, model, cache_spec, min_confidence: float = DEFAULT_MIN_CONFIDENCE):
+        self.model = model
+        self.cache = model.new_cache(cache_spec)
+        self.min_confidence = min_confidence
+        # The token of every cache entry, in order.
+        self._tokens: list[int] = []
+
+    def propose(self, context: list[int], k: int, sampler, cancel=None) -> Draft:
+        started = time.perf_counter()
+        try:
+            logits, fed = self._catch_up(context, cancel)
+        except CancelledError:
+            return NO_DRAFT
+        recent = list(context)
+        tokens, distributions = [], []
+        forwards = 1
+        while True:
+            if sampler.params.greedy:
+                token, logprob = sampler.sample(logits, recent)
+                confidence = math.exp(logprob)
+            else:
+                distribution = sampler.distribution(logits, recent)
+                token = sampler.draw(distribution)
+                confidence = float(distribution.max())
+                distributions.append(distribution)
+            if confidence < self.min_confidence:
+                if distributions:
+                    distributions.pop()
+                break
+            tokens.append(token)
+            recent.append(token)
+            if len(tokens) == k or not self.cache.has_room(1):
+                break
+            logits = self.model.forward([token], self.cache)
+            forwards += 1
+            self._tokens.append(token)
+        if not tokens:
+            return NO_DRAFT
+        # A round feeds the draft the one or two tokens the target added, then one token per
+        # proposal after the first: about one forward per proposal, sampling included. A long
+        # catch-up (the prompt, or tokens decoded while drafting was off) says nothing about that.
+        step = (time.perf_counter() - started) / forwards if fed <= _ROUND_CATCH_UP else None
+        return Draft(tuple(tokens), tuple(distributions) if distributions else None, step)
+
+    def _catch_up(self, context: list[int], cancel):
+        """Feed the draft what the context has and its cache lacks; the logits after the context
+        and how many tokens that took."""
+        # The last context token is fed again when the cache already holds it: its logits are needed.
+        keep = min(_common_prefix(self._tokens, context), len(context) - 1)
+        if keep < self.cache.n_tokens:
+            try:
+                self.cache.truncate(keep)
+            except InvalidParameterError:
+                # Entries before `keep` were evicted past the rollback margin: start afresh.
+                self.cache.clear()
+                keep = 0
+        try:
+            logits = self.model.forward(context[keep:], self.cache, cancel=cancel)
+        finally:
+            # A cancelled catch-up leaves the blocks it finished in the cache.
+            self._tokens = context[: self.cache.n_tokens]
+        return logits, len(context) - keep
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    return next((i for i in range(n) if a[i] != b[i]), n)
+
+
+def load_draft_model(path, target_model, target_tokenizer, quantize_activations: bool = True):
+    """(open GGUF file, model) of the draft at `path`, refused unless its vocabulary is the
+    target's (IncompatibleDraftError)."""
+    gguf = open_gguf(path)
+    try:
+        model = load_model(gguf, path)
+        check_compatible(target_tokenizer, Tokenizer.from_gguf(gguf), target_model.n_vocab, model.n_vocab, path.name)
+        model.quantize_activations = quantize_activations
+    except BaseException:
+        gguf.close()
+        raise
+    return gguf, model
