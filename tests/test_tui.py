@@ -361,6 +361,46 @@ async def test_a_conversation_keeps_its_own_cache_policy(home, smollm):
 
 
 @pytest.mark.asyncio
+async def test_changing_the_cache_policy_mid_conversation_continues_it_in_a_new_cache(home, smollm):
+    """Settings changed after a turn: no saved cache fits, so the next turn prefills the stored
+    conversation into a cache of the new policy, and the turn after reuses it."""
+    store = ChatStore()
+    app = ChatApp(smollm, store)
+    async with app.run_test(size=SIZE) as pilot:
+        await ready(app, pilot)
+        short_replies(app, 8)
+        await reply_to(app, pilot, "Hi")
+        assert app.backend.cache_usage().policy == "full"
+        store.set_settings(app.conversation.id, ChatSettings(max_tokens=8, temperature=0.0, cache="sink", window=300))
+        app.conversation = store.conversation(app.conversation.id)
+        await reply_to(app, pilot, "And again?")
+        usage = app.backend.cache_usage()
+        assert (usage.policy, usage.window) == ("sink", 300)
+        assert app.last_stats["reused"] == 0 and app.last_stats["processed"] > 10
+        await reply_to(app, pilot, "Once more.")
+        assert app.last_stats["reused"] > 10
+        assert [m.role for m in store.messages(app.conversation.id)] == ["user", "assistant"] * 3
+
+
+@pytest.mark.asyncio
+async def test_speculative_decoding_shows_its_acceptance_and_can_be_off(home, smollm):
+    store = ChatStore()
+    app = ChatApp(smollm, store, cache={"draft": "lookup"})
+    async with app.run_test(size=SIZE) as pilot:
+        await ready(app, pilot)
+        short_replies(app, 48)
+        await reply_to(app, pilot, "Repeat after me: the quick brown fox jumps over the lazy dog. The quick brown fox.")
+        assert app.last_stats["drafted"].drafter == "lookup"
+        assert "draft lookup:" in str(app.query_one("#status").render())
+
+        await pilot.press("ctrl+n")
+        app.new_settings = ChatSettings(max_tokens=8, temperature=0.0, draft=False)
+        await reply_to(app, pilot, "Hi")
+        assert app.last_stats["drafted"] is None
+        assert "draft" not in str(app.query_one("#status").render())
+
+
+@pytest.mark.asyncio
 async def test_streaming_does_not_scroll_away_from_a_reader_who_scrolled_up(home, smollm):
     store = ChatStore()
     app = ChatApp(smollm, store)
@@ -814,7 +854,7 @@ async def test_a_conversation_whose_session_file_is_unusable_is_answered_in_full
 
 
 @pytest.mark.asyncio
-async def test_changing_the_system_prompt_answers_the_conversation_in_full(home, smollm):
+async def test_changing_the_system_prompt_prefills_the_conversation_once(home, smollm):
     store = ChatStore()
     app = ChatApp(smollm, store)
     async with app.run_test(size=SIZE) as pilot:
@@ -830,11 +870,12 @@ async def test_changing_the_system_prompt_answers_the_conversation_in_full(home,
         await pilot.click("#save")
         await pilot.pause()
         await reply_to(app, pilot, "Another one.")
+        # No saved cache matches the new system prompt: this turn prefills the whole
+        # conversation into a new session, whose file replaces the old ones.
         assert reuse(app)[0] == 0
-        # The files no longer match the conversation: gone, and not read again.
-        assert not saved.exists() and not previous_file(saved).exists()
+        assert saved.exists() and not previous_file(saved).exists()
         await reply_to(app, pilot, "And one more.")
-        assert reuse(app)[0] == 0
+        assert reuse(app)[0] > 0
         assert [m.role for m in store.messages(app.conversation.id)] == ["user", "assistant"] * 4
 
 

@@ -154,6 +154,21 @@ def _generation_options(args: argparse.Namespace) -> dict:
     return options
 
 
+def _add_draft_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--draft",
+        metavar="MODEL|auto|lookup",
+        help="speculative decoding, same output: draft with a model sharing this one's vocabulary, the "
+        "catalog's draft for this model (auto; lookup when it has none), or prompt lookup (no model)",
+    )
+    parser.add_argument(
+        "--draft-max",
+        type=int,
+        metavar="K",
+        help="with --draft: most tokens drafted per round; each round's length is measured to pay (default 8)",
+    )
+
+
 def _draft_options(args: argparse.Namespace) -> dict:
     """LLM's speculative decoding keywords from --draft and --draft-max, checked before any
     model loads (a draft model is only looked up in the catalog or on disk here)."""
@@ -441,18 +456,7 @@ def _args_generate(parser: argparse.ArgumentParser) -> None:
         help="plain completion: the prompt as is, no chat template (default when the model has none)",
     )
     parser.add_argument("--no-bos", action="store_true", help="with plain completion, do not add the BOS token")
-    parser.add_argument(
-        "--draft",
-        metavar="MODEL|auto|lookup",
-        help="speculative decoding, same output: draft with a model sharing this one's vocabulary, the "
-        "catalog's draft for this model (auto; lookup when it has none), or prompt lookup (no model)",
-    )
-    parser.add_argument(
-        "--draft-max",
-        type=int,
-        metavar="K",
-        help="with --draft: most tokens drafted per round; each round's length is measured to pay (default 8)",
-    )
+    _add_draft_arguments(parser)
     parser.add_argument("--json", action="store_true", help="print one JSON object at the end instead of streaming")
     parser.add_argument(
         "-v", "--verbose", action="store_true", help="timings, seed, peak memory and drafting stats on stderr"
@@ -621,6 +625,7 @@ def _cmd_chat(args: argparse.Namespace) -> int:
 
     _check_context_and_threads(args)
     cache = _cache_options(args)
+    draft = _draft_options(args)
     if args.max_tokens == UNTIL_THE_END:
         max_tokens = None
     elif args.max_tokens > 0:
@@ -640,7 +645,7 @@ def _cmd_chat(args: argparse.Namespace) -> int:
             args.model or default_model(),
             n_ctx=args.ctx,
             threads=args.threads,
-            cache=cache,
+            cache={**cache, **draft},
             inline=args.inline,
             settings=settings,
             cancel=cancel,
@@ -667,6 +672,7 @@ def _args_chat(parser: argparse.ArgumentParser) -> None:
         "the latest --window, so a conversation never runs out of room; full stops at --ctx",
         cache_default="sink",
     )
+    _add_draft_arguments(parser)
     _add_threads_argument(parser)
     parser.add_argument(
         "--inline", action="store_true", help="draw the app below the shell prompt instead of on the whole screen"

@@ -232,15 +232,15 @@ class LLM:
         return self.cache, 0
 
     def session(self, system: str | None = None, cache: CacheSpec | str | None = None, draft=SAME_AS_LLM,
-                **options):  # fmt: skip
+                messages=None, **options):  # fmt: skip
         """A new conversation (`Session`) over this model, with its own KV cache: `cache` is a
         CacheSpec, a policy name ("full", "sink") with this LLM's other cache settings, or None
-        for this LLM's. `draft` as for `LLM` (default: this LLM's own); `options` are the
-        default generation options of every `send`."""
+        for this LLM's. `draft` as for `LLM` (default: this LLM's own); `messages` a conversation
+        to continue (see `Session`); `options` are the default generation options of every `send`."""
         from localllm.runtime.session import Session
 
         return Session(self, system=system, cache=cache, draft=self.draft if draft is SAME_AS_LLM else draft,
-                       **options)  # fmt: skip
+                       messages=messages, **options)  # fmt: skip
 
     def close(self) -> None:
         """Release the file; waits for a generation running in another thread to end."""

@@ -29,6 +29,7 @@ import json
 import os
 import struct
 import weakref
+from collections.abc import Sequence
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -70,6 +71,20 @@ def model_sha256(path: Path) -> str:
     return _hashes[key]
 
 
+def _checked_history(messages: Sequence[dict]) -> list[dict]:
+    """A copy of a conversation to continue: a system message first if any, then user and
+    assistant messages, each with text content."""
+    history = []
+    for index, message in enumerate(messages):
+        role, content = (message.get("role"), message.get("content")) if isinstance(message, dict) else (None, None)
+        if role not in ("system", "user", "assistant") or (role == "system" and index) or not isinstance(content, str):
+            raise InvalidParameterError(
+                f"message {index} must be {{'role': 'user' or 'assistant' (or 'system' first), 'content': text}}"
+            )
+        history.append({"role": role, "content": content})
+    return history
+
+
 def _common_prefix(a: list[int], b: list[int]) -> int:
     n = min(len(a), len(b))
     for i in range(n):
@@ -84,13 +99,15 @@ class Session:
     `cache` is a CacheSpec, a policy name ("full" or "sink", with the LLM's other cache
     settings) or None for the LLM's own. Under "sink" the conversation never runs out of room.
     `options` are default generation options (sampling, max_tokens, stop) for every `send`.
+    `messages` continue a conversation held elsewhere (system, user and assistant messages, as
+    stored): the first `send` prefills all of them, later ones only what is new.
     `draft` turns on speculative decoding as `LLM(draft=...)` does; a draft model gets a cache of
     its own beside the session's, and keeps it between turns too.
     One conversation is one sequence of turns: `send` again closes a stream still open.
     """
 
     def __init__(self, llm, system: str | None = None, cache: CacheSpec | str | None = None, draft=None,
-                 **options):  # fmt: skip
+                 messages: Sequence[dict] | None = None, **options):  # fmt: skip
         if cache is None:
             spec = llm.cache_spec
         elif isinstance(cache, str):
@@ -105,7 +122,11 @@ class Session:
         self.cache = llm.model.new_cache(spec)
         self.draft = draft
         self._speculation = llm.speculation(draft, spec)
+        if messages is not None and system is not None:
+            raise InvalidParameterError("give the system prompt either as `system` or in `messages`, not both")
         self._messages: list[dict] = [] if system is None else [{"role": "system", "content": system}]
+        if messages is not None:
+            self._messages = _checked_history(messages)
         # The token of every entry in the cache, in order: what a new prompt is matched against.
         self._tokens: list[int] = []
         self._running: weakref.ref | None = None

@@ -25,7 +25,7 @@ def chat(
     the REPL's reply (the app has Esc); `compile_progress` follows its kernel warm-up;
     `inline` draws the app below the shell prompt rather than on the whole screen; `settings`
     (system prompt, sampling) are those of new conversations; `cache` holds LLM's cache
-    keywords (cache, sinks, window, kv_dtype)."""
+    and speculative decoding keywords (cache, sinks, window, kv_dtype, draft, draft_max)."""
     if sys.stdin.isatty() and sys.stdout.isatty():
         from localllm.tui.app import run
 

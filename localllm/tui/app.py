@@ -674,6 +674,7 @@ class ChatApp(App):
                     "rate": stats.tokens_per_second,
                     "reused": stats.reused_tokens,
                     "processed": stats.processed_prompt_tokens,
+                    "drafted": stats.speculative,
                 }
             self.update_status()
         if event.error is not None:

@@ -4,10 +4,11 @@ A conversation is answered through a runtime `Session`, which keeps its KV cache
 turns so that each turn prefills only its new tokens, and which is saved to a session file
 after each turn, so that a reopened conversation (after a restart too) continues from its
 cache. Two files are kept per conversation: after the last turn, and before it, which is what
-regenerating the last reply or editing the last message continues from. A session cannot be
-started from a history it did not itself produce (a changed system prompt, a reply cut by a
-kill, a file saved with another model): such a turn is answered by `LLM.chat` over the whole
-conversation instead, as is every later turn of that conversation while this model is loaded.
+regenerating the last reply or editing the last message continues from. Where no file fits
+(a changed system prompt or cache policy, a reply cut by a kill, a file saved with another
+model), a new session is started from the stored messages: that turn prefills the whole
+conversation, and later turns only what is new. Each conversation's session follows its own
+settings: its cache policy, and whether it drafts (speculative decoding with the app's drafter).
 
 Everything here blocks (loading, pulling, generating, saving) and runs in the app's worker
 threads; the kernels release the GIL, so the event loop keeps running meanwhile.
@@ -67,16 +68,14 @@ def pull_model(name: str, progress: Callable[[int, int], None]) -> Path:
 
 @dataclass(frozen=True)
 class Answer:
-    """A reply being generated, and the session it continues (None: answered without one)."""
+    """A reply being generated, and the session it continues."""
 
     generation: Generation
-    session: Session | None
+    session: Session
 
     def save(self, saved: Path) -> None:
         """Once the generation has ended: write the session to `saved`, keeping the file from
-        before this turn as `previous_file(saved)`; nothing without a session."""
-        if self.session is None:
-            return
+        before this turn as `previous_file(saved)`."""
         saved.parent.mkdir(parents=True, exist_ok=True)
         if saved.exists():
             os.replace(saved, previous_file(saved))
@@ -108,8 +107,9 @@ class Backend:
 
     Loading pulls nothing: call `pull_model` first for a catalog model that is missing.
     `compile_progress(label, done, total)` follows the kernel warm-up (a cold Numba cache
-    compiles for tens of seconds); `cache` are LLM's cache keywords (cache, sinks, window,
-    kv_dtype), which every session gets. One conversation's session is held in memory at a time.
+    compiles for tens of seconds); `cache` are LLM's cache and speculative decoding keywords
+    (cache, sinks, window, kv_dtype, draft, draft_max), the defaults of every session. One
+    conversation's session is held in memory at a time.
     """
 
     def __init__(
@@ -124,9 +124,6 @@ class Backend:
         self.llm = LLM(model, n_ctx=n_ctx, threads=threads, compile_progress=compile_progress, **cache)
         self._session: Session | None = None
         self._key: object = None
-        # Conversations answered without a session since this model was loaded: none of their
-        # files can match them any more, and reading them again each turn would be for nothing.
-        self._unmatched: set = set()
 
     def reply(
         self,
@@ -146,23 +143,22 @@ class Backend:
         history += [{"role": m["role"], "content": m["content"]} for m in messages[:-1]]
         options = {"cancel": cancel, "progress": progress, **settings.generation_options()}
         spec = settings.cache_spec(self.llm.cache_spec) or self.llm.cache_spec
-        session = self._session_for(key, history, saved, spec)
+        draft = self.llm.draft if settings.draft else None
+        session = self._session_for(key, history, saved, spec, draft)
         self._session, self._key = session, key
-        if session is None:
-            self._unmatched.add(key)
-            return Answer(self.llm.chat([*history, dict(messages[-1])], stream=True, **options), None)
         return Answer(session.send(messages[-1]["content"], stream=True, **options), session)
 
-    def _session_for(self, key: object, history: list[dict], saved: Path | None, spec: CacheSpec) -> Session | None:
-        """A session whose conversation is `history` in a cache of `spec`, or None if there is
-        none to be had."""
+    def _session_for(self, key: object, history: list[dict], saved: Path | None, spec: CacheSpec, draft) -> Session:
+        """A session whose conversation is `history`, in a cache of `spec`, drafting with `draft`:
+        the one in memory, the conversation's file, or a new one that prefills the history."""
         session = self._session
-        if session is not None and self._key == key and session.messages == history and session.spec == spec:
-            return session
-        if saved is not None and key not in self._unmatched:
+        if session is not None and self._key == key and session.messages == history:
+            if session.spec == spec and session.draft == draft:
+                return session
+        if saved is not None:
             for path in (saved, previous_file(saved)):
                 try:
-                    session = Session.load(path, self.llm)
+                    session = Session.load(path, self.llm, draft=draft)
                 except SessionFileError:
                     # Another model's (kept for it), or damaged.
                     continue
@@ -171,9 +167,9 @@ class Backend:
                 # This model's, for a conversation that has since gone another way or changed
                 # its cache.
                 path.unlink()
-        if all(message["role"] == "system" for message in history):
-            return self.llm.session(system=history[0]["content"] if history else None, cache=spec)
-        return None
+        # The file is missing, another model's, or for other settings: this turn prefills the
+        # whole conversation, later ones only what is new.
+        return self.llm.session(messages=history, cache=spec, draft=draft)
 
     def forget(self, key: object) -> None:
         """Drop conversation `key`'s session from memory (the conversation was deleted)."""

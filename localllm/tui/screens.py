@@ -49,6 +49,7 @@ _NUMERIC = (
     ("window", "Window (empty: the app's)", int, True),
 )
 _CACHE_CHOICES = (("the app's", ""), ("full", "full"), ("sink (StreamingLLM)", "sink"))
+_DRAFT_CHOICES = (("on", True), ("off", False))
 
 
 def _parse(name: str, text: str, optional: bool, kind: type):
@@ -75,6 +76,7 @@ class SettingsScreen(Dialog[ChatSettings | None]):
     SettingsScreen > Vertical { width: 100; }
     SettingsScreen #cache-row { height: 1; margin-top: 1; }
     SettingsScreen #cache { width: 28; }
+    SettingsScreen #draft { width: 10; }
     SettingsScreen #system { height: 5; }
     """
     BINDINGS = [Binding("escape", "cancel", "Cancel")]
@@ -91,6 +93,8 @@ class SettingsScreen(Dialog[ChatSettings | None]):
             with Horizontal(id="cache-row"):
                 yield Label("KV cache policy ")
                 yield Select(_CACHE_CHOICES, value=self.settings.cache, allow_blank=False, id="cache", compact=True)
+                yield Label("  Draft (the app's --draft) ")
+                yield Select(_DRAFT_CHOICES, value=self.settings.draft, allow_blank=False, id="draft", compact=True)
             with Grid():
                 for name, label, kind, _ in _NUMERIC:
                     value = getattr(self.settings, name)
@@ -108,7 +112,11 @@ class SettingsScreen(Dialog[ChatSettings | None]):
 
     def collect(self) -> ChatSettings:
         """The settings the fields describe; InvalidParameterError names a bad one."""
-        values = {"system": self.query_one("#system", TextArea).text, "cache": self.query_one("#cache", Select).value}
+        values = {
+            "system": self.query_one("#system", TextArea).text,
+            "cache": self.query_one("#cache", Select).value,
+            "draft": self.query_one("#draft", Select).value,
+        }
         for name, _, kind, optional in _NUMERIC:
             values[name] = _parse(name, self.query_one(f"#{name}", Input).value, optional, kind)
         return ChatSettings(**values)

@@ -31,6 +31,8 @@ class ChatSettings:
     cache: str = ""
     sinks: int | None = None
     window: int | None = None
+    # Speculative decoding with the app's drafter (`localllm chat --draft`), when it has one.
+    draft: bool = True
 
     def __post_init__(self):
         if not isinstance(self.system, str):
@@ -40,6 +42,8 @@ class ChatSettings:
             isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, Integral) or self.max_tokens < 1
         ):
             raise InvalidParameterError(f"max_tokens must be a positive integer or empty, got {self.max_tokens!r}")
+        if not isinstance(self.draft, bool):
+            raise InvalidParameterError(f"draft must be true or false, got {self.draft!r}")
         if self.cache not in ("", *POLICIES):
             raise InvalidParameterError(f"cache must be empty or one of {', '.join(POLICIES)}, got {self.cache!r}")
         self.cache_spec(CacheSpec())

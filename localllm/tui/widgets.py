@@ -12,6 +12,7 @@ from textual.message import Message
 from textual.widgets import Label, ListItem, Markdown, Static, TextArea
 from textual.widgets.markdown import MarkdownFence
 
+from localllm.runtime.speculative import SpeculativeStats
 from localllm.tui.backend import CacheUsage
 
 ROLE_TITLES = {"user": "You", "assistant": "Assistant", "system": "System"}
@@ -233,6 +234,7 @@ class StatusBar(Static):
         rate: float | None = None,
         reused: int | None = None,
         processed: int | None = None,
+        drafted: SpeculativeStats | None = None,
         cache: CacheUsage | None = None,
         memory: int | None = None,
         note: str = "",
@@ -242,6 +244,10 @@ class StatusBar(Static):
         parts = [model, note or _rate(rate)]
         if processed is not None:
             parts.append(f"prompt {reused} reused / {processed} processed")
+        if drafted is not None:
+            rate = drafted.acceptance_rate
+            accepted = "nothing drafted" if rate is None else f"{rate:.0%} accepted"
+            parts.append(f"draft {drafted.drafter}: {accepted}")
         if cache is not None:
             parts.append(describe_cache(cache))
         if memory is not None:
