@@ -3,7 +3,8 @@
 References: the ternary files' per-tensor types and sha256 come from llama.cpp's own
 llama-quantize (tests/data/reference/qwen2.5-coder-1.5b-tq*_0.json, recipe inside); the legacy
 formats are checked against the gguf package (its NumPy dequantizer and quantizer), which
-reproduce ggml's reference quantization."""
+reproduce ggml's reference quantization; the K-quant encoders' bytes and the Q4_K_M and Q6_K
+files come from llama.cpp itself (tests/data/kquants/, made by make_reference.py there)."""
 
 import hashlib
 import json
@@ -18,15 +19,17 @@ from test_cli_errors import needs_mounts
 
 from localllm.errors import InvalidParameterError, QuantizeError
 from localllm.formats.gguf import open_gguf
+from localllm.formats.kquant_encoders import quantize_q4_k, quantize_q6_k
 from localllm.runtime.llm import LLM
 from localllm.runtime.quantize import TARGETS, quantize
 
-from conftest import REFERENCE
+from conftest import DATA, REFERENCE
 from test_models import MAX_DELTA, MEDIAN_DELTA
 
 Q = GGMLQuantizationType
 SMOLLM = "smollm2-135m-instruct"
 QWEN = "qwen2.5-coder-1.5b-instruct"
+KQUANTS = DATA / "kquants"
 
 
 def assert_quantized_like_gguf(source_path, output_path, target: str):
@@ -108,6 +111,57 @@ def test_ternary_files_reproduce_llama_quantize_tensor_by_tensor(model_path, tmp
                 ids = [token for token, _ in top10]
                 deltas.extend(np.abs(row[ids] - np.array([value for _, value in top10])))
     assert np.median(deltas) <= MEDIAN_DELTA and np.max(deltas) <= MAX_DELTA, (np.median(deltas), np.max(deltas))
+
+
+@pytest.mark.parametrize("qtype, encode", [("q4_k", quantize_q4_k), ("q6_k", quantize_q6_k)])
+def test_k_quant_encoders_reproduce_llama_cpp_bit_for_bit(qtype, encode):
+    """Against ggml_quantize_chunk's bytes for rows of every kind make_reference.py makes:
+    normal, heavy-tailed, uniform, one-signed, sparse, constant, on a grid of ties, tiny
+    (subnormal), huge (overflowing float32 in the fits) and mixed magnitudes."""
+    rows, expected = np.load(KQUANTS / "rows.npz"), np.load(KQUANTS / f"rows.{qtype}.npz")
+    assert rows.files == expected.files and len(rows.files) >= 10
+    for case in rows.files:
+        got = encode(rows[case])
+        assert got.shape == expected[case].shape, case
+        differing = np.flatnonzero((got != expected[case]).any(axis=1))
+        assert differing.size == 0, f"{case}: super-blocks {differing.tolist()} differ from llama.cpp's"
+    # Rows of several super-blocks, several rows at once: the bytes are the blocks' in order.
+    values = rows["normal"].reshape(4, -1)
+    assert np.array_equal(encode(values), expected["normal"].reshape(4, -1))
+
+
+def assert_reproduces_llama_quantize(path, reference_name: str) -> None:
+    reference = json.loads((KQUANTS / f"{reference_name}.json").read_text())["tensor_sha256"]
+    written = open_gguf(path)
+    assert list(written.tensors) == list(reference), "tensor order differs from llama-quantize's"
+    for name, tensor in written.tensors.items():
+        assert [tensor.type.name, hashlib.sha256(tensor.raw.tobytes()).hexdigest()] == reference[name], name
+    written.close()
+
+
+@pytest.mark.parametrize("target", ["Q4_K_M", pytest.param("Q6_K", marks=pytest.mark.slow)])
+def test_k_quant_targets_reproduce_llama_quantize_on_smollm2(model_path, tmp_path, target):
+    """SmolLM2's 576-value rows fit no 256-value block, so besides Q4_K and Q6_K (ffn_down,
+    Q6_K where `use_more_bits` picks the layer) this covers the fallbacks to Q5_0 and Q8_0."""
+    output = tmp_path / f"smollm2.{target}.gguf"
+    quantize(model_path(SMOLLM), output, target)
+    assert_reproduces_llama_quantize(output, f"smollm2-135m-instruct.{target.lower()}")
+
+
+def test_a_k_quant_with_no_encoder_is_a_one_line_error(tmp_path):
+    """Q4_K_M gives a one-layer Falcon's ffn_down Q5_K, which this tool cannot encode."""
+    source = tmp_path / "falcon.gguf"
+    writer = GGUFWriter(source, "falcon")
+    writer.add_block_count(1)
+    writer.add_tensor("blk.0.ffn_down.weight", np.ones((4, 256), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    message = "^tensor blk.0.ffn_down.weight: Q5_K would have to be encoded from F32, and this quantizer has no Q5_K"
+    with pytest.raises(QuantizeError, match=message):
+        quantize(source, tmp_path / "out.gguf", "Q4_K_M")
+    assert not (tmp_path / "out.gguf").exists()
 
 
 def write_tiny_model(path, cols: int):
