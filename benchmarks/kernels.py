@@ -172,7 +172,7 @@ def bench_matmul(qtype, shapes, batches, quick, rng):
 
 def compile_times() -> tuple[float, float]:
     """Seconds for warm_up() in a fresh interpreter with an empty, then a filled, Numba cache."""
-    script = "from localllm.kernels.cpu import warm_up; warm_up()"
+    script = "from localllm.kernels.cpu.warmup import warm_up; warm_up()"
     with tempfile.TemporaryDirectory() as cache_dir:
         env = dict(os.environ, NUMBA_CACHE_DIR=cache_dir)
         results = []

@@ -3,6 +3,7 @@
 from localllm.errors import (
     CancelledError,
     ContextOverflowError,
+    DeviceError,
     GGUFError,
     IncompatibleDraftError,
     InvalidParameterError,
@@ -37,6 +38,7 @@ def __getattr__(name: str):
 __all__ = [
     "CancelledError",
     "ContextOverflowError",
+    "DeviceError",
     "GGUFError",
     "IncompatibleDraftError",
     "InvalidParameterError",

@@ -62,3 +62,7 @@ class IncompatibleDraftError(LocalLLMError):
 
 class QuantizeError(LocalLLMError):
     """A model cannot be quantized as asked (names the tensor where there is one)."""
+
+
+class DeviceError(LocalLLMError):
+    """The device asked for cannot be used here (no torch or triton, no CUDA device)."""

@@ -10,28 +10,22 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+from gguf import GGMLQuantizationType
 from gguf.quants import dequantize as reference_dequantize
+
+from localllm.formats.quants import ACTIVATION_LAYOUTS, LAYOUTS
 
 Q = GGMLQuantizationType
 
-# Byte offsets, inside one block, of the f16 scale/min fields (from the ggml block structs).
-F16_FIELDS: dict[GGMLQuantizationType, tuple[int, ...]] = {
-    Q.Q4_0: (0,),
-    Q.Q4_1: (0, 2),
-    Q.Q5_0: (0,),
-    Q.Q5_1: (0, 2),
-    Q.Q8_0: (0,),
-    Q.Q2_K: (80, 82),
-    Q.Q3_K: (108,),
-    Q.Q4_K: (0, 2),
-    Q.Q5_K: (0, 2),
-    Q.Q6_K: (208,),
-    Q.TQ1_0: (52,),
-    Q.TQ2_0: (64,),
-}
-
 FLOAT_TYPES = (Q.F32, Q.F16, Q.BF16)
+
+# Byte offsets, inside one block, of the f16 scale/min fields (test_block_table checks the
+# layouts against ggml's block structs).
+F16_FIELDS: dict[GGMLQuantizationType, tuple[int, ...]] = {
+    qtype: tuple(field.offset for field in layout.scale_fields)
+    for qtype, layout in LAYOUTS.items()
+    if qtype not in FLOAT_TYPES
+}
 
 
 @dataclass
@@ -48,7 +42,7 @@ class RawWeight:
 
 
 def block_size(qtype: GGMLQuantizationType) -> int:
-    return GGML_QUANT_SIZES[qtype][0]
+    return LAYOUTS[qtype].block_size
 
 
 def random_weight(
@@ -56,7 +50,7 @@ def random_weight(
 ) -> RawWeight:
     """A (rows, blocks_per_row * block_size) weight of random blocks of `qtype`."""
     rng = np.random.default_rng(seed)
-    elements_per_block, bytes_per_block = GGML_QUANT_SIZES[qtype]
+    elements_per_block, bytes_per_block = LAYOUTS[qtype].block_size, LAYOUTS[qtype].type_size
     cols = blocks_per_row * elements_per_block
     if qtype in FLOAT_TYPES:
         values = rng.standard_normal((rows, cols)).astype(np.float32)
@@ -100,14 +94,16 @@ def llama_activations(X: np.ndarray, qtype: GGMLQuantizationType) -> np.ndarray:
     X = np.asarray(X, dtype=np.float32)
     if qtype in FLOAT_TYPES:
         return X
-    if block_size(qtype) == 32:
-        blocks = X.reshape(-1, 32)
+    activation = LAYOUTS[qtype].activation
+    block = ACTIVATION_LAYOUTS[activation].block_size
+    if activation != Q.Q8_K:
+        blocks = X.reshape(-1, block)
         amax = np.abs(blocks).max(axis=1, keepdims=True)
         scale = (amax / np.float32(127.0)).astype(np.float16).astype(np.float32)
         with np.errstate(divide="ignore"):
             inverse = np.where(amax == 0, np.float32(0.0), np.float32(127.0) / amax).astype(np.float32)
         return (np.rint(blocks * inverse) * scale).astype(np.float32).reshape(X.shape)
-    blocks = X.reshape(-1, 256)
+    blocks = X.reshape(-1, block)
     signed_max = blocks[np.arange(len(blocks)), np.abs(blocks).argmax(axis=1)]
     with np.errstate(divide="ignore", invalid="ignore"):
         iscale = np.float32(-127.0) / signed_max
@@ -121,18 +117,20 @@ def llama_product(weight, dequantized: np.ndarray, X: np.ndarray) -> np.ndarray:
     type. For Q4_1 and Q5_1, ggml's Q8_1 activations also carry s = f16(amax / 127 * sum of
     codes) per block, and the weights' m multiplies s instead of the rounded values' sum."""
     rounded = llama_activations(X, weight.type)
-    if weight.type not in (GGMLQuantizationType.Q4_1, GGMLQuantizationType.Q5_1):
+    layout = LAYOUTS[weight.type]
+    if layout.activation != Q.Q8_1:
         return reference_product(dequantized, rounded)
     rows, cols = dequantized.shape
-    blocks = np.asarray(X, dtype=np.float32).reshape(X.shape[0], -1, 32)
+    blocks = np.asarray(X, dtype=np.float32).reshape(X.shape[0], -1, layout.block_size)
     amax = np.abs(blocks).max(axis=2)
     with np.errstate(divide="ignore"):
         inverse = np.where(amax == 0, np.float32(0.0), np.float32(127.0) / amax).astype(np.float32)
     code_sums = np.rint(blocks * inverse[:, :, None]).sum(axis=2).astype(np.float32)
     s = (amax / np.float32(127.0) * code_sums).astype(np.float16).astype(np.float64)
-    block_bytes = GGML_QUANT_SIZES[weight.type][1]
-    m = weight.raw.reshape(rows, -1, block_bytes)[:, :, 2:4].copy().view(np.float16)[:, :, 0].astype(np.float64)
-    without_m = np.asarray(dequantized, dtype=np.float64) - np.repeat(m, 32, axis=1)
+    m_at = layout.field("m").offset
+    blocks_m = weight.raw.reshape(rows, -1, layout.type_size)[:, :, m_at : m_at + 2]
+    m = blocks_m.copy().view(np.float16)[:, :, 0].astype(np.float64)
+    without_m = np.asarray(dequantized, dtype=np.float64) - np.repeat(m, layout.block_size, axis=1)
     return reference_product(without_m, rounded) + s @ m.T
 
 

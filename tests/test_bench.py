@@ -104,8 +104,24 @@ def test_op_timers_account_for_a_forward_pass_and_restore_the_kernels(model_path
     assert timers.calls["matvec token_embd"] == 1  # the tied output head
 
 
+def test_draft_adds_a_speculative_generation_row_with_its_acceptance(model_path):
+    result = run_bench(
+        "-m", str(model_path(SMOLLM)), "-p", "0", "-n", "48", "-r", "1", "--threads", "1", "--draft", "lookup", "--json"
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    plain, speculative = json.loads(result.stdout)
+    assert (plain["test"], speculative["test"]) == ("tg48", "tg48+lookup")
+    assert plain["draft"] is None and plain["acceptance_rate"] is None
+    assert speculative["n_gen"] == 48 and speculative["draft"] == "lookup"
+    # Greedy text from BOS repeats itself within 48 tokens, so prompt lookup finds drafts.
+    assert 0 < speculative["acceptance_rate"] <= 1
+    assert speculative["mean_accepted_length"] > 0
+    assert plain["roofline_ts"] > 0 and speculative["roofline_ts"] is None
+
+
 @pytest.mark.parametrize("args, fragment", [
     (("-r", "0"), "-r must be an integer >= 1"),
+    (("--draft-max", "4"), "--draft-max needs --draft"),
     (("-p", "0", "-n", "0"), "nothing to measure"),
     (("-m", "no-such-model"), "no-such-model"),
 ])  # fmt: skip

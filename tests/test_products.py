@@ -10,9 +10,10 @@ import pytest
 
 from localllm import KernelError
 from localllm.formats.gguf import open_gguf
-from localllm.kernels.cpu import KERNELS, CheckedWeight, embed, get_threads, matmul, matvec, set_threads, warm_up
+from localllm.kernels.cpu import KERNELS, CheckedWeight, embed, get_threads, matmul, matvec, set_threads
 from localllm.kernels.cpu.activations import quantize_activations
 from localllm.kernels.cpu.threads import max_threads
+from localllm.kernels.cpu.warmup import warm_up
 
 from kernel_helpers import (
     Q,
@@ -176,7 +177,7 @@ def test_warm_up_reports_progress():
 PARALLEL_WARM_UP = """
 import json
 from gguf import GGMLQuantizationType as Q
-from localllm.kernels.cpu import warm_up
+from localllm.kernels.cpu.warmup import warm_up
 seen = []
 warm_up(types=[Q.Q4_0, Q.TQ1_0], progress=lambda label, done, total: seen.append([label, done, total]), processes=2)
 print(json.dumps(seen))

@@ -293,9 +293,38 @@ def test_cli_reports_drafting_and_refuses_bad_values():
     assert_one_line_error(run_cli("--draft", "no-such-model", "x"), "--draft: no catalog model named")
 
 
+# Twenty prompts of the four kinds the speculative benchmark times: write code, edit code, chat,
+# summarise pasted text.
+EXACTNESS_PROMPTS = [
+    CODE_PROMPT,
+    *PROMPTS,
+    "Write a Python function that merges two sorted lists into one sorted list.",
+    "Write a JavaScript function that debounces another function.",
+    "Write a SQL query that lists the ten customers with the highest total order value.",
+    "Write a Rust function that reverses the words of a sentence.",
+    "Rename the variable x to count in this code and return it:\n\nx = 0\nfor item in items:\n"
+    "    if item.ready:\n        x += 1\nprint(x)\n",
+    "Add type hints to this function and return the whole function:\n\ndef scale(values, factor):\n"
+    "    return [value * factor for value in values]\n",
+    "Convert this loop to a list comprehension:\n\nsquares = []\nfor n in range(10):\n    squares.append(n * n)\n",
+    "Fix the bug in this function and return it:\n\ndef average(values):\n    return sum(values) / len(values) + 1\n",
+    "Explain what a hash map is in two sentences.",
+    "Write a haiku about rust.",
+    "What are three good habits for writing maintainable code?",
+    "Give me a short packing list for a day of hiking.",
+    "Summarise in two sentences: Photosynthesis turns light, water and carbon dioxide into sugar and "
+    "oxygen. It happens in the chloroplasts of plant cells, and almost all life on Earth depends on it.",
+    "Summarise this commit message in one line: Fix a crash when the configuration file is empty. The "
+    "parser assumed at least one line and indexed past the end; it now returns the defaults.",
+    "Summarise: The meeting moved the release to Friday, assigned the documentation to Ana, and agreed "
+    "to drop support for the old file format after one more version.",
+]
+
+
 @pytest.mark.slow
 def test_qwen_coder_draft_model_is_exact_on_the_1_5b(model_path):
-    prompts = [CODE_PROMPT, *PROMPTS[:2], "Explain what a hash map is in two sentences.", "Write a haiku about rust."]
+    prompts = EXACTNESS_PROMPTS
+    assert len(prompts) == 20
     target = model_path("qwen2.5-coder-1.5b-instruct")
     with LLM(target, n_ctx=1024) as plain_llm, LLM(target, n_ctx=1024, draft="auto") as speculative:
         assert speculative.draft == model_path("qwen2.5-coder-0.5b-instruct")

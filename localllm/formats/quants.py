@@ -5,6 +5,15 @@ into `type_size` bytes. `LAYOUTS[qtype]` describes each block field by name, byt
 within the block, byte size and NumPy element dtype, so kernels can address fields without
 re-deriving ggml's C structs (ggml/src/ggml-common.h). All multi-byte fields are little-endian.
 
+`LAYOUTS` is the one description of every format, in the spirit of ggml's `type_traits`: besides
+the byte layout, each entry names the activation format its products round activations to
+(`activation`: ggml's `vec_dot_type`, whose layouts are in `ACTIVATION_LAYOUTS`) and the CPU
+kernel modules that serve it (`cpu_kernels`). Kernels derive their block sizes, byte counts and
+field offsets from it as module constants, which Numba freezes into the compiled code. This
+layer imports no kernels (dependencies flow runtime -> kernels -> formats): it names the kernel
+modules by `CpuKernels` values, and the kernels' dispatch (kernels/cpu/products.py) keys on
+those names.
+
 How the packed bits map to weight positions ``p`` (0-based, within one block):
 
 * F32, F16, BF16: one value per "block". BF16 is the top half of a float32.
@@ -21,7 +30,7 @@ How the packed bits map to weight positions ``p`` (0-based, within one block):
   bit ``4*h + j`` of ``hmask[l]`` is set; sixteen 6-bit scales ``s`` (see `_q3_k_scales`),
   ``w = (d * (s[p//16] - 32)) * q``.
 * Q4_K  ``p = 64*j + 32*i + l``: nibble ``i`` of ``qs[32*j + l]``; eight 6-bit scale/min
-  pairs (see `_k_quant_scales_mins`) for sub-block ``b = p // 32``;
+  pairs (see `k_scales_mins`) for sub-block ``b = p // 32``;
   ``w = (d * sc[b]) * q - dmin * mn[b]``.
 * Q5_K  as Q4_K, plus bit ``p // 32`` of ``qh[p % 32]`` as bit 4.
 * Q6_K  ``p = 128*h + 32*j + l``: the low 4 bits are the low nibble (``j < 2``) or high
@@ -40,6 +49,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from enum import StrEnum
 
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
@@ -63,14 +73,32 @@ class Field:
         return self.size // np.dtype(self.dtype).itemsize
 
 
+class CpuKernels(StrEnum):
+    """The CPU kernel modules, localllm/kernels/cpu/<value>.py. Every format has one float
+    module (products on float32 activations, and the embedding lookup); `INTEGER` also
+    serves a format when its products on 8-bit activation codes exist (where AVX2 does)."""
+
+    FLOATS = "floats"
+    LEGACY = "legacy"
+    KQUANTS = "kquants"
+    INTEGER = "integer"
+
+
 @dataclass(frozen=True)
 class BlockLayout:
-    """`block_size` weights stored in `type_size` bytes as the concatenation of `fields`."""
+    """`block_size` weights stored in `type_size` bytes as the concatenation of `fields`.
+
+    `activation`: the format activations are rounded to before a product with these weights
+    (ggml's `vec_dot_type`; F32 where they are not rounded). `cpu_kernels`: the kernel modules
+    that serve the format.
+    """
 
     qtype: GGMLQuantizationType
     block_size: int
     type_size: int
     fields: tuple[Field, ...]
+    activation: GGMLQuantizationType = Q.F32
+    cpu_kernels: tuple[CpuKernels, ...] = ()
 
     def field(self, name: str) -> Field:
         for f in self.fields:
@@ -78,39 +106,86 @@ class BlockLayout:
                 return f
         raise KeyError(f"{self.qtype.name} has no field {name!r}")
 
+    def offsets(self, *names: str) -> tuple[int, ...]:
+        """The byte offsets of the named fields, in the order given."""
+        return tuple(self.field(name).offset for name in names)
+
     @property
     def scale_fields(self) -> tuple[Field, ...]:
         """The float16 fields (scales and mins) of the block."""
         return tuple(f for f in self.fields if f.dtype == "<f2")
 
 
-def _layout(qtype: GGMLQuantizationType, *fields: tuple[str, int, str]) -> BlockLayout:
-    """Build a layout from (name, size, dtype) triples laid out back to back."""
+def _layout(
+    qtype: GGMLQuantizationType,
+    *fields: tuple[str, int, str],
+    activation: GGMLQuantizationType = Q.F32,
+    cpu_kernels: tuple[CpuKernels, ...] = (),
+    sizes: tuple[int, int] | None = None,
+) -> BlockLayout:
+    """Build a layout from (name, size, dtype) triples laid out back to back; `sizes` (block
+    size, bytes) where gguf's GGML_QUANT_SIZES is not ggml's."""
     placed = []
     offset = 0
     for name, size, dtype in fields:
         placed.append(Field(name, offset, size, dtype))
         offset += size
-    block_size, type_size = GGML_QUANT_SIZES[qtype]
+    block_size, type_size = sizes or GGML_QUANT_SIZES[qtype]
     if offset != type_size:
         raise AssertionError(f"{qtype.name} layout covers {offset} bytes, ggml says {type_size}")
-    return BlockLayout(qtype, block_size, type_size, tuple(placed))
+    return BlockLayout(qtype, block_size, type_size, tuple(placed), activation, cpu_kernels)
 
+
+_FLOATS = (CpuKernels.FLOATS,)
+_LEGACY = (CpuKernels.LEGACY, CpuKernels.INTEGER)
+_KQUANTS = (CpuKernels.KQUANTS, CpuKernels.INTEGER)
 
 LAYOUTS: dict[GGMLQuantizationType, BlockLayout] = {
     layout.qtype: layout
     for layout in (
-        _layout(Q.F32, ("value", 4, "<f4")),
-        _layout(Q.F16, ("value", 2, "<f2")),
-        _layout(Q.BF16, ("value", 2, "<u2")),
-        _layout(Q.Q4_0, ("d", 2, "<f2"), ("qs", 16, "u1")),
-        _layout(Q.Q4_1, ("d", 2, "<f2"), ("m", 2, "<f2"), ("qs", 16, "u1")),
-        _layout(Q.Q5_0, ("d", 2, "<f2"), ("qh", 4, "u1"), ("qs", 16, "u1")),
-        _layout(Q.Q5_1, ("d", 2, "<f2"), ("m", 2, "<f2"), ("qh", 4, "u1"), ("qs", 16, "u1")),
-        _layout(Q.Q8_0, ("d", 2, "<f2"), ("qs", 32, "i1")),
-        _layout(Q.Q2_K, ("scales", 16, "u1"), ("qs", 64, "u1"), ("d", 2, "<f2"), ("dmin", 2, "<f2")),
-        _layout(Q.Q3_K, ("hmask", 32, "u1"), ("qs", 64, "u1"), ("scales", 12, "u1"), ("d", 2, "<f2")),
-        _layout(Q.Q4_K, ("d", 2, "<f2"), ("dmin", 2, "<f2"), ("scales", 12, "u1"), ("qs", 128, "u1")),
+        _layout(Q.F32, ("value", 4, "<f4"), cpu_kernels=_FLOATS),
+        _layout(Q.F16, ("value", 2, "<f2"), cpu_kernels=_FLOATS),
+        _layout(Q.BF16, ("value", 2, "<u2"), cpu_kernels=_FLOATS),
+        _layout(Q.Q4_0, ("d", 2, "<f2"), ("qs", 16, "u1"), activation=Q.Q8_0, cpu_kernels=_LEGACY),
+        _layout(Q.Q4_1, ("d", 2, "<f2"), ("m", 2, "<f2"), ("qs", 16, "u1"), activation=Q.Q8_1, cpu_kernels=_LEGACY),
+        _layout(Q.Q5_0, ("d", 2, "<f2"), ("qh", 4, "u1"), ("qs", 16, "u1"), activation=Q.Q8_0, cpu_kernels=_LEGACY),
+        _layout(
+            Q.Q5_1,
+            ("d", 2, "<f2"),
+            ("m", 2, "<f2"),
+            ("qh", 4, "u1"),
+            ("qs", 16, "u1"),
+            activation=Q.Q8_1,
+            cpu_kernels=_LEGACY,
+        ),
+        _layout(Q.Q8_0, ("d", 2, "<f2"), ("qs", 32, "i1"), activation=Q.Q8_0, cpu_kernels=_LEGACY),
+        _layout(
+            Q.Q2_K,
+            ("scales", 16, "u1"),
+            ("qs", 64, "u1"),
+            ("d", 2, "<f2"),
+            ("dmin", 2, "<f2"),
+            activation=Q.Q8_K,
+            cpu_kernels=_KQUANTS,
+        ),
+        _layout(
+            Q.Q3_K,
+            ("hmask", 32, "u1"),
+            ("qs", 64, "u1"),
+            ("scales", 12, "u1"),
+            ("d", 2, "<f2"),
+            activation=Q.Q8_K,
+            cpu_kernels=_KQUANTS,
+        ),
+        _layout(
+            Q.Q4_K,
+            ("d", 2, "<f2"),
+            ("dmin", 2, "<f2"),
+            ("scales", 12, "u1"),
+            ("qs", 128, "u1"),
+            activation=Q.Q8_K,
+            cpu_kernels=_KQUANTS,
+        ),
         _layout(
             Q.Q5_K,
             ("d", 2, "<f2"),
@@ -118,12 +193,40 @@ LAYOUTS: dict[GGMLQuantizationType, BlockLayout] = {
             ("scales", 12, "u1"),
             ("qh", 32, "u1"),
             ("qs", 128, "u1"),
+            activation=Q.Q8_K,
+            cpu_kernels=_KQUANTS,
         ),
-        _layout(Q.Q6_K, ("ql", 128, "u1"), ("qh", 64, "u1"), ("scales", 16, "i1"), ("d", 2, "<f2")),
-        _layout(Q.TQ1_0, ("qs", 48, "u1"), ("qh", 4, "u1"), ("d", 2, "<f2")),
-        _layout(Q.TQ2_0, ("qs", 64, "u1"), ("d", 2, "<f2")),
+        _layout(
+            Q.Q6_K,
+            ("ql", 128, "u1"),
+            ("qh", 64, "u1"),
+            ("scales", 16, "i1"),
+            ("d", 2, "<f2"),
+            activation=Q.Q8_K,
+            cpu_kernels=_KQUANTS,
+        ),
+        _layout(Q.TQ1_0, ("qs", 48, "u1"), ("qh", 4, "u1"), ("d", 2, "<f2"), activation=Q.Q8_K, cpu_kernels=_KQUANTS),
+        _layout(Q.TQ2_0, ("qs", 64, "u1"), ("d", 2, "<f2"), activation=Q.Q8_K, cpu_kernels=_KQUANTS),
     )
 }
+
+# The activation formats (ggml's block_q8_0, block_q8_1, block_q8_K). Q8_1's s is f16(d * sum
+# of codes); Q8_K's bsums are the code sums of each 16 values.
+ACTIVATION_LAYOUTS: dict[GGMLQuantizationType, BlockLayout] = {
+    layout.qtype: layout
+    for layout in (
+        LAYOUTS[Q.Q8_0],
+        # gguf-py lists float32 d and s (40 bytes); ggml's block_q8_1 stores them as f16.
+        _layout(Q.Q8_1, ("d", 2, "<f2"), ("s", 2, "<f2"), ("qs", 32, "i1"), sizes=(32, 36)),
+        _layout(Q.Q8_K, ("d", 4, "<f4"), ("qs", 256, "i1"), ("bsums", 32, "<i2")),
+    )
+}
+
+
+def served_by(kernels: CpuKernels) -> tuple[GGMLQuantizationType, ...]:
+    """The formats that the kernel module `kernels` serves, in LAYOUTS order."""
+    return tuple(qtype for qtype, layout in LAYOUTS.items() if kernels in layout.cpu_kernels)
+
 
 SUPPORTED_TYPES: frozenset[GGMLQuantizationType] = frozenset(LAYOUTS)
 
@@ -234,17 +337,31 @@ def _dequant_q3_k(blocks: np.ndarray, layout: BlockLayout) -> np.ndarray:
     return step * q.astype(np.float32)
 
 
-def _k_quant_scales_mins(packed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Eight 6-bit scales and mins from the 12 scale bytes shared by Q4_K and Q5_K.
+def k_scales_mins(first, second, third):
+    """The 6-bit scales and mins packed in the 12 scale bytes shared by Q4_K and Q5_K, for
+    sub-blocks j and j + 4 (j < 4), from bytes j (`first`), 4 + j (`second`) and 8 + j (`third`):
+    (scale j, min j, scale j + 4, min j + 4).
 
     Sub-blocks 0..3 keep their scale and min in the low 6 bits of bytes 0..3 and 4..7;
     sub-blocks 4..7 take their low 4 bits from the nibbles of bytes 8..11 and their top
     2 bits from the spare top bits of bytes 0..3 (scales) and 4..7 (mins).
+
+    The one statement of this packing: written with operators only, it runs on NumPy arrays of
+    bytes (dequantization below), on scalars in Numba kernels (kernels/cpu/kquants.py compiles
+    it inline) and on LLVM byte vectors (kernels/cpu/integer.py).
     """
-    first, second, third = packed[:, 0:4], packed[:, 4:8], packed[:, 8:12]
-    scales = np.concatenate([first & 0x3F, (third & 0x0F) | ((first >> 6) << 4)], axis=1)
-    mins = np.concatenate([second & 0x3F, (third >> 4) | ((second >> 6) << 4)], axis=1)
-    return scales, mins
+    return (
+        first & 0x3F,
+        second & 0x3F,
+        (third & 0x0F) | ((first >> 2) & 0x30),
+        (third >> 4) | ((second >> 2) & 0x30),
+    )
+
+
+def _k_quant_scales_mins(packed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The eight scales and the eight mins of each block's 12 packed bytes (`k_scales_mins`)."""
+    low_scales, low_mins, high_scales, high_mins = k_scales_mins(packed[:, 0:4], packed[:, 4:8], packed[:, 8:12])
+    return np.concatenate([low_scales, high_scales], axis=1), np.concatenate([low_mins, high_mins], axis=1)
 
 
 def _per_32(values: np.ndarray) -> np.ndarray:

@@ -2,7 +2,10 @@
 
 A `pp<N>` test runs an N-token prompt through a fresh context in one forward call; a `tg<N>`
 test decodes N tokens one at a time after a single BOS token, each step feeding the greedy
-token of the last. Both run once unmeasured, then `repetitions` timed times; the speed of each
+token of the last. With a draft (`draft=`, as `LLM` takes it), a `tg<N>+<drafter>` test
+decodes the same N greedy tokens by speculative decoding (the same token stepper generation
+uses: drafts verified in one forward each, an adaptive draft length) and reports its
+acceptance. Every test runs once unmeasured, then `repetitions` timed times; the speed of each
 repetition is tokens / seconds and the table shows their mean and sample standard deviation.
 
 Besides speed, each model reports its load time, the time from starting to load it to the first
@@ -21,14 +24,18 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import numpy as np
 
 from localllm.errors import InvalidParameterError
 from localllm.kernels import cpu as kernels
 from localllm.kernels.cpu.bandwidth import read_bandwidth
+from localllm.runtime.engine import GenerationStats
 from localllm.runtime.llm import LLM
 from localllm.runtime.profile import OpTimers
+from localllm.runtime.sampling import Sampler, SamplingParams
+from localllm.runtime.speculative import DEFAULT_DRAFT_MAX
 
 # Enough to exceed every L3 cache this runs on, small enough not to dominate peak memory.
 BANDWIDTH_PROBE_BYTES = 512 << 20
@@ -62,6 +69,10 @@ class BenchResult:
     roofline_ts: float | None = None
     roofline_fraction: float | None = None
     op_seconds: dict[str, float] = field(default_factory=dict)
+    # Speculative rows: the drafter, and the share of drafted tokens the target kept (last run).
+    draft: str | None = None
+    acceptance_rate: float | None = None
+    mean_accepted_length: float | None = None
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -129,6 +140,22 @@ def _run_generation(llm: LLM, n_gen: int) -> None:
         token = int(np.argmax(llm.model.forward([token], llm.cache)))
 
 
+def _run_speculative_generation(llm: LLM, n_gen: int, speculation) -> GenerationStats:
+    """tg's N greedy tokens after BOS, through the speculative token stepper."""
+    llm.reset()
+    bos = llm.tokenizer.bos_id
+    context = [bos if bos is not None else 0]
+    logits = llm.model.forward(context, llm.cache)
+    stats = GenerationStats()
+    sampler = Sampler(SamplingParams(temperature=0.0), llm.n_vocab)
+    steps = speculation.steps(llm.model, llm.cache, sampler, context, logits, stats, limit=n_gen)
+    for produced, _ in enumerate(steps, 1):
+        if produced == n_gen:
+            break
+    steps.close()
+    return stats
+
+
 def _timed(run: Callable[[], None], repetitions: int) -> list[int]:
     run()
     samples = []
@@ -147,11 +174,17 @@ def bench_model(
     threads: int,
     bandwidth_gbs: float | None,
     profile: bool = False,
+    draft=None,
+    draft_max: int = DEFAULT_DRAFT_MAX,
+    device: str = "cpu",
 ) -> list[BenchResult]:
-    """Load `model`, measure its first token, then run its pp and tg tests."""
+    """Load `model`, measure its first token, then run its pp and tg tests (and with `draft`, the
+    speculative tg test)."""
     reset_peak_rss()
     started = time.perf_counter()
-    llm = LLM(model, n_ctx=max(n_prompt, n_gen + 1, 16), threads=threads)
+    # Speculative rounds can hold a whole draft beyond the last token kept.
+    n_ctx = max(n_prompt, n_gen + 1 + (draft_max if draft is not None else 0), 16)
+    llm = LLM(model, n_ctx=n_ctx, threads=threads, draft=draft, draft_max=draft_max, device=device)
     with llm:
         load_seconds = time.perf_counter() - started
         llm.model.forward(llm.tokenize(FIRST_TOKEN_PROMPT), llm.cache)
@@ -173,6 +206,15 @@ def bench_model(
             tests.append((f"pp{n_prompt}", n_prompt, 0, lambda: _run_prompt(llm, prompt)))
         if n_gen > 0:
             tests.append((f"tg{n_gen}", 0, n_gen, lambda: _run_generation(llm, n_gen)))
+        speculation = llm.speculation(draft, llm.cache_spec) if n_gen > 0 and draft is not None else None
+        speculative_runs: list[GenerationStats] = []
+        if speculation is not None:
+            drafter = "lookup" if speculation.drafter.name == "lookup" else "draft"
+
+            def run_speculative():
+                speculative_runs.append(_run_speculative_generation(llm, n_gen, speculation))
+
+            tests.append((f"tg{n_gen}+{drafter}", 0, n_gen, run_speculative))
         results = []
         for name, test_prompt, test_gen, run in tests:
             test_time = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
@@ -199,7 +241,14 @@ def bench_model(
                 peak_rss_bytes=0,
                 op_seconds=op_seconds,
             )
-            if test_gen and bandwidth_gbs:
+            if "+" in name:
+                spec = speculative_runs[-1].speculative
+                result.draft = "lookup" if drafter == "lookup" else Path(llm.draft).name
+                result.acceptance_rate = spec.acceptance_rate
+                result.mean_accepted_length = spec.mean_accepted_length
+            # One decode step's weight bytes bound plain decoding only: speculation verifies
+            # several tokens per read of the weights.
+            elif test_gen and bandwidth_gbs:
                 result.bandwidth_gbs = bandwidth_gbs
                 result.roofline_ts = bandwidth_gbs * 1e9 / per_token
                 result.roofline_fraction = result.avg_ts / result.roofline_ts
@@ -219,8 +268,13 @@ def run_bench(
     measure_bandwidth: bool = True,
     profile: bool = False,
     progress: Callable[[str], None] | None = None,
+    draft=None,
+    draft_max: int = DEFAULT_DRAFT_MAX,
+    device: str = "cpu",
 ) -> list[BenchResult]:
-    """Every model's pp and tg results, in order; read bandwidth is measured once, first."""
+    """Every model's pp and tg results, in order, on `device`; host read bandwidth is measured
+    once, first, on the CPU only (it bounds no GPU's decoding). Each timed forward ends with
+    the logits back in host memory, so GPU times include the wait for the device."""
     if not models:
         raise InvalidParameterError("bench needs at least one model")
     for name, value, low in (("-p", n_prompt, 0), ("-n", n_gen, 0), ("-r", repetitions, 1)):
@@ -232,7 +286,7 @@ def run_bench(
         threads = kernels.get_threads()
     kernels.set_threads(threads)
     bandwidth = None
-    if measure_bandwidth:
+    if measure_bandwidth and device == "cpu":
         if progress:
             progress("measuring memory read bandwidth")
         bandwidth = read_bandwidth(BANDWIDTH_PROBE_BYTES)
@@ -240,5 +294,7 @@ def run_bench(
     for model in models:
         if progress:
             progress(f"benchmarking {model}")
-        results += bench_model(model, n_prompt, n_gen, repetitions, threads, bandwidth, profile)
+        results += bench_model(
+            model, n_prompt, n_gen, repetitions, threads, bandwidth, profile, draft, draft_max, device
+        )
     return results

@@ -40,6 +40,7 @@ from typing import NamedTuple
 import numpy as np
 
 from localllm.errors import ContextOverflowError, InvalidParameterError, OutOfMemoryError
+from localllm.runtime.device import CPU, Device
 
 POSITION_DTYPE = np.int32
 POLICIES = ("full", "sink")
@@ -158,19 +159,25 @@ class LayerView(NamedTuple):
 
 
 class KVCache:
-    """Per-layer key/value buffers; the policy subclasses decide when there is room."""
+    """Per-layer key/value buffers; the policy subclasses decide when there is room.
 
-    def __init__(self, layout: CacheLayout, spec: CacheSpec):
+    The buffers (keys, values and their positions) are arrays of `device`: numpy, or torch
+    tensors on the GPU; what decides where entries go is numpy on both."""
+
+    def __init__(self, layout: CacheLayout, spec: CacheSpec, device: Device = CPU):
         if len(layout.windows) != layout.n_layer:
             raise InvalidParameterError(f"{len(layout.windows)} window sizes given for {layout.n_layer} layers")
         self.layout = layout
         self.spec = spec
+        self.device = device
         self.n_layer = layout.n_layer
         self.max_append = layout.max_append
         self.max_rollback = layout.max_rollback
         plans = [_layer_plan(layout, spec, window) for window in layout.windows]
         needed = layout.total_bytes(spec)
-        available = available_memory()
+        available = device.free_memory()
+        if available is None:
+            available = available_memory()
         # np.zeros maps pages lazily, so an oversized cache would only fail (or swap) mid-way
         # through a long context: refuse it before anything is allocated.
         if needed > available:
@@ -183,9 +190,9 @@ class KVCache:
         # Layers that follow the sink policy rather than a sliding window of the model's own.
         self._streaming = [spec.policy == "sink" and not window for window in layout.windows]
         dtype = KV_DTYPES[spec.kv_dtype]
-        self.keys = [np.zeros((plan[2], layout.n_head_kv, layout.head_dim_k), dtype=dtype) for plan in plans]
-        self.values = [np.zeros((plan[2], layout.n_head_kv, layout.head_dim_v), dtype=dtype) for plan in plans]
-        self.positions = [np.zeros(plan[2], dtype=POSITION_DTYPE) for plan in plans]
+        self.keys = [device.zeros((plan[2], layout.n_head_kv, layout.head_dim_k), dtype) for plan in plans]
+        self.values = [device.zeros((plan[2], layout.n_head_kv, layout.head_dim_v), dtype) for plan in plans]
+        self.positions = [device.zeros((plan[2],), POSITION_DTYPE) for plan in plans]
         self.n_tokens = 0
         self._pending = 0
         # First text position held past each layer's sinks; entries before it were shifted out.
@@ -230,15 +237,17 @@ class KVCache:
             raise InvalidParameterError(f"can append 1 to {self.max_append} entries at once, got {n}")
         self.check_room(n)
         positions = np.arange(self.n_tokens, self.n_tokens + n, dtype=POSITION_DTYPE)
+        stored = self.device.asarray(positions)
         for layer in range(self.n_layer):
             held = self.held(layer)
             if held + n > self.keys[layer].shape[0]:
                 self._shift_out(layer)
                 held = self.held(layer)
-            self.positions[layer][held : held + n] = positions
+            self.positions[layer][held : held + n] = stored
         self.n_tokens += n
         self._pending = n
-        self._sink_query_positions = self._sink_positions_for(positions)
+        sink_positions = self._sink_positions_for(positions)
+        self._sink_query_positions = None if sink_positions is None else self.device.asarray(sink_positions)
         return positions
 
     def write(self, layer: int, k: np.ndarray, v: np.ndarray) -> None:
@@ -265,8 +274,8 @@ class KVCache:
         return LayerView(keys, values, positions, window, n_sink)
 
     def sink_query_positions(self, layer: int) -> np.ndarray | None:
-        """In-cache positions of the current block's queries, for scoring the layer's sinks;
-        None while they equal the text positions."""
+        """In-cache positions of the current block's queries (an array of the device), for
+        scoring the layer's sinks; None while they equal the text positions."""
         return self._sink_query_positions if self._streaming[layer] and self._sinks[layer] else None
 
     def _sink_positions_for(self, positions: np.ndarray) -> np.ndarray | None:
@@ -297,13 +306,21 @@ class KVCache:
         return {"n_tokens": self.n_tokens, "dropped": list(self._dropped)}
 
     def held_arrays(self):
-        """(layer, keys, values, positions) of the held slots of every layer, without copies."""
+        """(layer, keys, values, positions) of the held slots of every layer as numpy arrays:
+        views without copies on the CPU, copies from the GPU."""
+        numpy = self.device.numpy
         for layer in range(self.n_layer):
             held = self.held(layer)
-            yield layer, self.keys[layer][:held], self.values[layer][:held], self.positions[layer][:held]
+            yield (
+                layer,
+                numpy(self.keys[layer][:held]),
+                numpy(self.values[layer][:held]),
+                numpy(self.positions[layer][:held]),
+            )
 
     def restore(self, state: dict, arrays: list[tuple[np.ndarray, np.ndarray, np.ndarray]]) -> None:
-        """Replace the contents by a saved `state` and its per-layer (keys, values, positions)."""
+        """Replace the contents by a saved `state` and its per-layer (keys, values, positions),
+        numpy arrays."""
         n_tokens, dropped = state["n_tokens"], state["dropped"]
         if len(dropped) != self.n_layer or len(arrays) != self.n_layer:
             raise InvalidParameterError(f"saved cache has {len(dropped)} layers, this model {self.n_layer}")
@@ -321,9 +338,9 @@ class KVCache:
             raise ContextOverflowError(f"saved cache holds {n_tokens} entries, more than n_ctx {self.spec.n_ctx}")
         for layer, (keys, values, positions) in enumerate(arrays):
             held = keys.shape[0]
-            self.keys[layer][:held] = keys
-            self.values[layer][:held] = values
-            self.positions[layer][:held] = positions
+            self.keys[layer][:held] = self.device.asarray(keys)
+            self.values[layer][:held] = self.device.asarray(values)
+            self.positions[layer][:held] = self.device.asarray(positions)
         self.n_tokens = n_tokens
         self._dropped = list(dropped)
         self._pending = 0
@@ -340,7 +357,7 @@ class KVCache:
         kept = self.n_tokens - first_kept
         source = sinks + first_kept - dropped
         for buffer in (self.keys[layer], self.values[layer], self.positions[layer]):
-            buffer[sinks : sinks + kept] = buffer[source : source + kept]
+            self.device.move(buffer, sinks, source, kept)
         self._dropped[layer] = first_kept
 
 
@@ -371,5 +388,5 @@ def _describe(spec: CacheSpec) -> str:
     return ", ".join(f"{key}={value}" for key, value in spec.describe().items())
 
 
-def new_cache(layout: CacheLayout, spec: CacheSpec) -> KVCache:
-    return (FullCache if spec.policy == "full" else SinkCache)(layout, spec)
+def new_cache(layout: CacheLayout, spec: CacheSpec, device: Device = CPU) -> KVCache:
+    return (FullCache if spec.policy == "full" else SinkCache)(layout, spec, device)

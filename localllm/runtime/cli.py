@@ -222,6 +222,22 @@ def _add_threads_argument(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_device_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--device",
+        choices=["cpu", "cuda"],
+        default="cpu",
+        help="where the model runs: cpu (the default) or a CUDA GPU (needs the gpu extra: torch and triton)",
+    )
+
+
+def _check_device(args: argparse.Namespace) -> None:
+    """A --device that cannot be used here is a one-line error before any model loads."""
+    from localllm.runtime.device import get_device
+
+    get_device(args.device)
+
+
 def _warn_past_training_context(llm, n_ctx: int) -> None:
     trained = llm.model.hparams.n_ctx_train
     if n_ctx > trained:
@@ -370,6 +386,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     _check_context_and_threads(args)
     cache = _cache_options(args)
     draft = _draft_options(args)
+    _check_device(args)
     cancel = threading.Event()
     options = {**_generation_options(args), "cancel": cancel}
     prompt = _read_prompt(args)
@@ -379,6 +396,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
             n_ctx=args.ctx,
             threads=args.threads,
             compile_progress=_CompileNotice(),
+            device=args.device,
             **cache,
             **draft,
         ) as llm,
@@ -444,6 +462,7 @@ def _args_generate(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--stop", action="append", metavar="TEXT", help="stop before this text (repeatable)")
     parser.add_argument("--ctx", type=int, default=2048, help="context size in tokens (default 2048)")
     _add_threads_argument(parser)
+    _add_device_argument(parser)
     parser.add_argument(
         "--chat",
         action="store_true",
@@ -476,6 +495,7 @@ def _cmd_perplexity(args: argparse.Namespace) -> int:
 
     _check_context_and_threads(args)
     cache = _cache_options(args)
+    _check_device(args)
     try:
         text = Path(args.file).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as error:
@@ -486,6 +506,7 @@ def _cmd_perplexity(args: argparse.Namespace) -> int:
         threads=args.threads,
         compile_progress=_CompileNotice(),
         kv_dtype=cache["kv_dtype"],
+        device=args.device,
     ) as llm:
         if args.cache == "sink":
             result = streaming_perplexity(llm, text, sinks=args.sinks, window=args.window)
@@ -509,6 +530,7 @@ def _args_perplexity(parser: argparse.ArgumentParser) -> None:
         "the latest --window, each token scored from the cache before it",
     )
     _add_threads_argument(parser)
+    _add_device_argument(parser)
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
@@ -519,8 +541,10 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     from localllm.runtime.bench import run_bench
     from localllm.runtime.catalog import default_model, ensure_model
 
+    _check_device(args)
     # Resolve (and pull) every model first so a typo in the last one fails before any timing.
     models = [ensure_model(name) for name in (args.model or [default_model()])]
+    draft = _draft_options(args)
     console = _console(stderr=True)
     results = run_bench(
         models,
@@ -530,6 +554,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         threads=args.threads,
         profile=args.verbose,
         progress=None if args.json else lambda text: console.print(f"[dim]{text}[/dim]"),
+        device=args.device,
+        **draft,
     )
     if args.json:
         print(json.dumps([result.as_dict() for result in results], indent=2))
@@ -550,6 +576,9 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         table.add_column(column, justify="left" if column in ("model", "type", "test") else "right")
     for result in results:
         roofline = ""
+        test = result.test
+        if result.acceptance_rate is not None:
+            test += f" ({result.acceptance_rate:.0%} accepted)"
         if result.roofline_ts is not None:
             roofline = f"{result.roofline_ts:.1f} t/s ({result.bandwidth_gbs:.1f} GB/s), {result.roofline_fraction:.0%}"
         table.add_row(
@@ -557,7 +586,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
             result.model_type,
             decimal(result.model_size),
             str(result.n_threads),
-            result.test,
+            test,
             f"{result.avg_ts:.2f} ± {result.stddev_ts:.2f}",
             f"{result.load_seconds:.2f}",
             f"{result.first_token_seconds:.2f}",
@@ -595,7 +624,9 @@ def _args_bench(parser: argparse.ArgumentParser) -> None:
         "-n", "--n-gen", type=int, default=64, help="generated tokens of the tg test; 0 skips it (default 64)"
     )
     parser.add_argument("-r", "--repetitions", type=int, default=3, help="timed repetitions of each test (default 3)")
+    _add_draft_arguments(parser)
     parser.add_argument("--threads", type=int, help="compute threads (default: all cores)")
+    _add_device_argument(parser)
     parser.add_argument("--json", action="store_true", help="print a JSON list, one object per model and test")
     parser.add_argument("-v", "--verbose", action="store_true", help="also time every op of one extra run of each test")
 
@@ -639,13 +670,14 @@ def _cmd_chat(args: argparse.Namespace) -> int:
         raise InvalidParameterError(f"--temp must be >= 0, got {args.temp}")
     sampling = {} if args.temp is None else {"temperature": args.temp}
     settings = ChatSettings(system=args.system or "", max_tokens=max_tokens, **sampling)
+    _check_device(args)
     cancel = threading.Event()
     with _interrupt_sets(cancel):
         chat(
             args.model or default_model(),
             n_ctx=args.ctx,
             threads=args.threads,
-            cache={**cache, **draft},
+            cache={**cache, **draft, "device": args.device},
             inline=args.inline,
             settings=settings,
             cancel=cancel,
@@ -674,6 +706,7 @@ def _args_chat(parser: argparse.ArgumentParser) -> None:
     )
     _add_draft_arguments(parser)
     _add_threads_argument(parser)
+    _add_device_argument(parser)
     parser.add_argument(
         "--inline", action="store_true", help="draw the app below the shell prompt instead of on the whole screen"
     )

@@ -16,8 +16,10 @@ from localllm.formats.chat import ChatTemplate
 from localllm.formats.gguf import open_gguf
 from localllm.formats.tokenizer import Tokenizer
 from localllm.kernels import cpu as kernels
+from localllm.kernels.cpu import warmup
 from localllm.runtime.cache import CacheSpec
 from localllm.runtime.catalog import ensure_model, entry_for_path
+from localllm.runtime.device import CPU, get_device
 from localllm.runtime.drafters.draft_model import DraftModelDrafter, load_draft_model
 from localllm.runtime.drafters.prompt_lookup import PromptLookupDrafter
 from localllm.runtime.engine import Completion, Generation, GenerationLock, GenerationRequest
@@ -46,9 +48,16 @@ class LLM:
     that would not fit in the available memory is refused (OutOfMemoryError) before anything
     is allocated. `quantize_activations=False` runs products on float32 activations instead of
     llama.cpp's 8-bit rounding of them. Loading also compiles, or loads from Numba's cache, every kernel
-    the model needs (kernels.warm_up), so the first token never waits on a compile;
+    the model needs (warmup.warm_up), so the first token never waits on a compile;
     `compile_progress(label, done, total)` follows its steps (a cold cache takes tens of
     seconds, on the first run on a machine).
+
+    `device="cuda"` runs the same model on the GPU: weights copied there once, torch tensors
+    and the Triton kernels (localllm.kernels.gpu), activations always in float (as
+    `quantize_activations=False`), the KV cache in GPU memory; logits still come back as numpy.
+    It needs the `gpu` extra (torch, triton) and a CUDA device, or TRITON_INTERPRET=1 to run the
+    kernels through Triton's interpreter on the CPU (slow; for tests); otherwise it is a
+    DeviceError saying which is missing. A draft model runs on the same device as this one.
 
     `draft` turns on speculative decoding (the same tokens when greedy, the same distribution
     when sampling; faster where the drafts are good, about as fast where they are not):
@@ -74,10 +83,13 @@ class LLM:
         draft: str | os.PathLike | None = None,
         draft_max: int = DEFAULT_DRAFT_MAX,
         draft_adaptive: bool = True,
+        device: str = "cpu",
     ):
         started = time.perf_counter()
         # Held for a whole generation (or logits call): they share the one KV cache.
         self._lock = GenerationLock()
+        # Before the model is looked up or pulled: a missing GPU stack fails at once.
+        self.device = get_device(device)
         self.path = ensure_model(model)
         check_draft_max(draft_max)
         self.draft_max = draft_max
@@ -88,7 +100,7 @@ class LLM:
             kernels.set_threads(threads)
         self.gguf = open_gguf(self.path)
         try:
-            self.model = load_model(self.gguf, self.path)
+            self.model = load_model(self.gguf, self.path, self.device)
             self.model.quantize_activations = quantize_activations
             self.tokenizer = Tokenizer.from_gguf(self.gguf)
             if n_ctx is None:
@@ -98,11 +110,13 @@ class LLM:
             self.cache = self.model.new_cache(self.cache_spec)
             self.draft = self._resolve_draft(draft)
             self._speculation = self.speculation(self.draft, self.cache_spec)
-            files = [self.gguf, *(gguf for gguf, _ in self._draft_models.values())]
-            matrix_types = {
-                t.type for f in files for t in f.tensors.values() if len(t.shape) == 2 and t.type in kernels.KERNELS
-            }
-            kernels.warm_up(sorted(matrix_types), progress=compile_progress)
+            # Draft models share the device, so on the GPU no kernel runs on the CPU.
+            if self.device is CPU:
+                files = [self.gguf, *(gguf for gguf, _ in self._draft_models.values())]
+                matrix_types = {
+                    t.type for f in files for t in f.tensors.values() if len(t.shape) == 2 and t.type in kernels.KERNELS
+                }
+                warmup.warm_up(sorted(matrix_types), progress=compile_progress)
         except BaseException:
             self._close_files()
             raise

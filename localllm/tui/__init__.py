@@ -24,8 +24,9 @@ def chat(
     and pipes, each line of stdin is a message and each reply goes to stdout. `cancel` stops
     the REPL's reply (the app has Esc); `compile_progress` follows its kernel warm-up;
     `inline` draws the app below the shell prompt rather than on the whole screen; `settings`
-    (system prompt, sampling) are those of new conversations; `cache` holds LLM's cache
-    and speculative decoding keywords (cache, sinks, window, kv_dtype, draft, draft_max)."""
+    (system prompt, sampling) are those of new conversations; `cache` holds LLM's cache,
+    speculative decoding and device keywords (cache, sinks, window, kv_dtype, draft, draft_max,
+    device)."""
     if sys.stdin.isatty() and sys.stdout.isatty():
         from localllm.tui.app import run
 

@@ -107,9 +107,9 @@ class Backend:
 
     Loading pulls nothing: call `pull_model` first for a catalog model that is missing.
     `compile_progress(label, done, total)` follows the kernel warm-up (a cold Numba cache
-    compiles for tens of seconds); `cache` are LLM's cache and speculative decoding keywords
-    (cache, sinks, window, kv_dtype, draft, draft_max), the defaults of every session. One
-    conversation's session is held in memory at a time.
+    compiles for tens of seconds); `cache` are LLM's cache, speculative decoding and device
+    keywords (cache, sinks, window, kv_dtype, draft, draft_max, device), the defaults of every
+    session. One conversation's session is held in memory at a time.
     """
 
     def __init__(

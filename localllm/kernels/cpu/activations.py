@@ -29,29 +29,23 @@ from gguf import GGMLQuantizationType as T
 from numba import njit, prange, types
 from numba.extending import overload
 
+from localllm.formats.quants import ACTIVATION_LAYOUTS, LAYOUTS
+
 _OPTIONS = dict(cache=True, nogil=True)
 
-Q8_0_BLOCK = 32
-Q8_K_BLOCK = 256
-Q8_K_SUM_GROUP = 16
+# Block sizes from the activation layouts (localllm/formats/quants.py). Q8_1 rounds as Q8_0 does.
+Q8_0_BLOCK = ACTIVATION_LAYOUTS[T.Q8_0].block_size
+Q8_K_BLOCK = ACTIVATION_LAYOUTS[T.Q8_K].block_size
+Q8_K_SUM_GROUP = Q8_K_BLOCK // ACTIVATION_LAYOUTS[T.Q8_K].field("bsums").count
 # Weights whose integer products take ggml's Q8_1 activations: Q8_0's codes and scales plus each
 # block's s = f16(unrounded scale * sum of codes), which multiplies the weights' m.
-Q8_1_WEIGHTS = (T.Q4_1, T.Q5_1)
+Q8_1_WEIGHTS = tuple(qtype for qtype, layout in LAYOUTS.items() if layout.activation == T.Q8_1)
 
 # The activation format ggml's CPU backend pairs with each weight type (`vec_dot_type`).
 ACTIVATION_BLOCK = {
-    T.Q4_0: Q8_0_BLOCK,
-    T.Q4_1: Q8_0_BLOCK,
-    T.Q5_0: Q8_0_BLOCK,
-    T.Q5_1: Q8_0_BLOCK,
-    T.Q8_0: Q8_0_BLOCK,
-    T.Q2_K: Q8_K_BLOCK,
-    T.Q3_K: Q8_K_BLOCK,
-    T.Q4_K: Q8_K_BLOCK,
-    T.Q5_K: Q8_K_BLOCK,
-    T.Q6_K: Q8_K_BLOCK,
-    T.TQ1_0: Q8_K_BLOCK,
-    T.TQ2_0: Q8_K_BLOCK,
+    qtype: ACTIVATION_LAYOUTS[layout.activation].block_size
+    for qtype, layout in LAYOUTS.items()
+    if layout.activation in ACTIVATION_LAYOUTS
 }
 
 

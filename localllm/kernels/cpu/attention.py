@@ -44,8 +44,8 @@ import numba
 import numpy as np
 
 from localllm.errors import KernelError
+from localllm.kernels.cpu.checks import FAST_REDUCTION, check_f32, check_finite_float, check_out, check_positions
 from localllm.kernels.cpu.floats import stored_to_float
-from localllm.kernels.cpu.ops import FAST_REDUCTION, check_f32, check_finite_float, check_out, check_positions
 from localllm.kernels.cpu.threads import apply_threads, get_threads
 
 # Keys per chunk of the online softmax; with (query, head) rows per task it bounds the score

@@ -43,8 +43,11 @@ from numba import literally, njit, prange, types
 from numba.core import cgutils, config
 from numba.extending import intrinsic
 
-from localllm.kernels.cpu.activations import codes_of
+from localllm.formats.quants import LAYOUTS, k_scales_mins
+from localllm.kernels.cpu.activations import Q8_0_BLOCK, Q8_K_BLOCK, Q8_K_SUM_GROUP, codes_of
 from localllm.kernels.cpu.pointers import data_pointer, stack_pointer
+
+Q = GGMLQuantizationType
 
 # Numba targets the host CPU unless told otherwise: NUMBA_CPU_FEATURES (with NUMBA_CPU_NAME, e.g.
 # a generic AVX2 target for a portable cache, or to test the AVX2 path on an AVX-512 host)
@@ -178,6 +181,48 @@ def _halves(builder, pointer, offset):
     return [builder.extract_element(floats, ir.Constant(_I32, i)) for i in range(4)]
 
 
+def _block_halves(builder, block, qtype, *names):
+    """The named f16 fields of a `qtype` block as float32s, from one _halves load that stays
+    inside the block: it starts at the first of them, or ends with the block's last bytes."""
+    layout = LAYOUTS[qtype]
+    offsets = layout.offsets(*names)
+    start = min(min(offsets), layout.type_size - 8)
+    halves = _halves(builder, block, start)
+    return [halves[(offset - start) // 2] for offset in offsets]
+
+
+class _Bytes:
+    """An LLVM integer vector with the operators k_scales_mins uses (integer operands splat), so
+    that one statement of the Q4_K/Q5_K scale packing also unpacks four blocks' bytes here. Each
+    operation is emitted when its value is first asked for: the caller sets the IR's order."""
+
+    def __init__(self, builder, emit):
+        self.builder, self._emit, self._value = builder, emit, None
+
+    @property
+    def value(self):
+        if self._value is None:
+            self._value = self._emit()
+        return self._value
+
+    def _apply(self, operation, other):
+        def emit():
+            left = self.value
+            right = other.value if isinstance(other, _Bytes) else _splat(left.type.element, left.type.count, other)
+            return operation(left, right)
+
+        return _Bytes(self.builder, emit)
+
+    def __and__(self, other):
+        return self._apply(self.builder.and_, other)
+
+    def __or__(self, other):
+        return self._apply(self.builder.or_, other)
+
+    def __rshift__(self, other):
+        return self._apply(self.builder.lshr, other)
+
+
 def _word_splats(builder, words, lanes):
     """<16 x i16> vectors with words[lanes[k]] in 16-bit lane k (each index < 8 within each
     128-bit half: [i] * 16, or [i] * 8 + [j] * 8), from <8 x i16> `words`.
@@ -276,37 +321,35 @@ def _scaled_dot(builder, vnni, values, codes, splats):
     return chains[0] if len(chains) == 1 else builder.add(*chains)
 
 
-# Q4_K (144 bytes): f16 d, f16 dmin, 12 bytes of 6-bit scales and mins, 128 bytes of nibbles
-# (byte l of chunk j: value 64j + l low, 64j + 32 + l high). Q5_K (176 bytes) has 32 bytes of
-# fifth bits between the scales and the nibbles: bit i of byte l for value 32i + l. Per
-# activation row, acc[0:8] gets d * d_x * sum_i scale_i (values_i . codes_i) and acc[8:16]
-# dmin * d_x * min_i * sum(codes_i), over the eight 32-value sub-blocks i.
+# Q4_K: f16 d, f16 dmin, 12 bytes of 6-bit scales and mins, 128 bytes of nibbles (byte l of
+# chunk j: value 64j + l low, 64j + 32 + l high). Q5_K has 32 bytes of fifth bits between the
+# scales and the nibbles: bit i of byte l for value 32i + l. Per activation row, acc[0:8] gets
+# d * d_x * sum_i scale_i (values_i . codes_i) and acc[8:16] dmin * d_x * min_i * sum(codes_i),
+# over the eight 32-value sub-blocks i.
 
 
-def _k_scales_codegen(nibbles_at, bits_at):
+def _k_scales_codegen(qtype):
+    layout = LAYOUTS[qtype]
+    scales_at, nibbles_at = layout.offsets("scales", "qs")
+    bits_at = layout.field("qh").offset if qtype == Q.Q5_K else None
+
     def codegen(builder, block, rows, count, acc, vnni):
-        _scaled_sub_blocks(builder, block, rows, count, acc, vnni, nibbles_at, bits_at)
+        _scaled_sub_blocks(builder, block, rows, count, acc, vnni, qtype, scales_at, nibbles_at, bits_at)
 
     return codegen
 
 
-def _scaled_sub_blocks(builder, block, rows, count, acc, vnni, nibbles_at, bits_at):
-    low_scales = _load(builder, block, 4, _I8, 4)
-    low_mins = _load(builder, block, 8, _I8, 4)
-    high = _load(builder, block, 12, _I8, 4)
-    six_bits, four_bits, bits_4_5 = _splat(_I8, 4, 63), _splat(_I8, 4, 15), _splat(_I8, 4, 0x30)
-    two, four = _splat(_I8, 4, 2), _splat(_I8, 4, 4)
-    scales_4_7 = builder.or_(builder.and_(high, four_bits), builder.and_(builder.lshr(low_scales, two), bits_4_5))
-    mins_4_7 = builder.or_(builder.lshr(high, four), builder.and_(builder.lshr(low_mins, two), bits_4_5))
+def _scaled_sub_blocks(builder, block, rows, count, acc, vnni, qtype, scales_at, nibbles_at, bits_at):
+    loaded = [_load(builder, block, scales_at + 4 * i, _I8, 4) for i in range(3)]
+    low_scales, low_mins, high_scales, high_mins = k_scales_mins(*(_Bytes(builder, lambda v=v: v) for v in loaded))
+    # Upper sub-blocks first, the lower ones as the shuffles take them: LLVM's instruction order
+    # and register allocation follow the IR's, and this is the order the kernel was measured in.
+    high_scales, high_mins = high_scales.value, high_mins.value
     concatenate = ir.Constant(_vector(_I32, 8), list(range(8)))
-    scales = builder.zext(
-        builder.shuffle_vector(builder.and_(low_scales, six_bits), scales_4_7, concatenate), _vector(_I16, 8)
-    )
+    scales = builder.zext(builder.shuffle_vector(low_scales.value, high_scales, concatenate), _vector(_I16, 8))
     # Each min twice: one vpmaddwd with the 16-value code sums gives min_j * (sum of chunk j).
     mins = builder.zext(
-        builder.shuffle_vector(
-            builder.and_(low_mins, six_bits), mins_4_7, ir.Constant(_vector(_I32, 16), [j // 2 for j in range(16)])
-        ),
+        builder.shuffle_vector(low_mins.value, high_mins, ir.Constant(_vector(_I32, 16), [j // 2 for j in range(16)])),
         _vector(_I16, 16),
     )
     nibbles = []
@@ -315,7 +358,7 @@ def _scaled_sub_blocks(builder, block, rows, count, acc, vnni, nibbles_at, bits_
         nibbles += [builder.and_(packed, _splat(_I8, 32, 15)), builder.lshr(packed, _splat(_I8, 32, 4))]
     if bits_at is not None:
         _or_where_bit_set(builder, nibbles, _load(builder, block, bits_at, _I8, 32), 16)
-    d, dmin = _halves(builder, block, 0)[:2]
+    d, dmin = _block_halves(builder, block, qtype, "d", "dmin")
     scale_splats = _word_splats(builder, scales, [[i] * 16 for i in range(8)])
     for t in range(count):
         total = _scaled_dot(builder, vnni, nibbles, rows.codes_at(t), scale_splats)
@@ -327,7 +370,7 @@ def _scaled_sub_blocks(builder, block, rows, count, acc, vnni, nibbles_at, bits_
         )
 
 
-# Q6_K (210 bytes): 128 bytes of low nibbles, 64 bytes of high bit pairs, 16 int8 scales, f16 d.
+# Q6_K: 128 bytes of low nibbles, 64 bytes of high bit pairs, 16 int8 scales, f16 d.
 # In half h (128 values), byte l of ql[64h:] / ql[64h + 32:] holds values l, l + 32 (low
 # nibbles) and l + 64, l + 96 (high nibbles); byte l of qh[32h:] holds their two high bits at
 # bits 0, 2, 4, 6. Scale i covers 16 values; the codes are 0..63 with an offset of -32, which
@@ -335,14 +378,17 @@ def _scaled_sub_blocks(builder, block, rows, count, acc, vnni, nibbles_at, bits_
 # d * d_x * sum_i scale_i ((q_i - 32) . codes_i).
 
 
+_Q6_K_QL, _Q6_K_QH, _Q6_K_SCALES = LAYOUTS[Q.Q6_K].offsets("ql", "qh", "scales")
+
+
 def _q6_k_codegen(builder, block, rows, count, acc, vnni):
-    scales = builder.sext(_load(builder, block, 192, _I8, 16), _vector(_I16, 16))
+    scales = builder.sext(_load(builder, block, _Q6_K_SCALES, _I8, 16), _vector(_I16, 16))
     low_nibble, field = _splat(_I8, 32, 15), _splat(_I8, 32, 0x30)
     values = []
     for h in range(2):
-        low_a = _load(builder, block, 64 * h, _I8, 32)
-        low_b = _load(builder, block, 64 * h + 32, _I8, 32)
-        high = _load(builder, block, 128 + 32 * h, _I8, 32)
+        low_a = _load(builder, block, _Q6_K_QL + 64 * h, _I8, 32)
+        low_b = _load(builder, block, _Q6_K_QL + 64 * h + 32, _I8, 32)
+        high = _load(builder, block, _Q6_K_QH + 32 * h, _I8, 32)
         values += [
             builder.or_(builder.and_(low_a, low_nibble), builder.and_(builder.shl(high, _splat(_I8, 32, 4)), field)),
             builder.or_(builder.and_(low_b, low_nibble), builder.and_(builder.shl(high, _splat(_I8, 32, 2)), field)),
@@ -351,8 +397,7 @@ def _q6_k_codegen(builder, block, rows, count, acc, vnni):
                 builder.lshr(low_b, _splat(_I8, 32, 4)), builder.and_(builder.lshr(high, _splat(_I8, 32, 2)), field)
             ),
         ]
-    # d is the block's last two bytes: the load ends with them.
-    d = _halves(builder, block, 202)[3]
+    (d,) = _block_halves(builder, block, Q.Q6_K, "d")
     scale_splats = _sixteen_scale_splats(builder, scales)
     for t in range(count):
         total = _scaled_dot(builder, vnni, values, rows.codes_at(t), scale_splats)
@@ -361,8 +406,8 @@ def _q6_k_codegen(builder, block, rows, count, acc, vnni):
         _accumulate(builder, _acc_at(builder, acc, 8 * t), builder.fmul(d, rows.scale(t)), builder.sub(total, offsets))
 
 
-# Q2_K (84 bytes): 16 bytes of 4-bit scales (low) and mins (high), 64 bytes of 2-bit codes,
-# f16 d, f16 dmin. Q3_K (110 bytes): 32 bytes of third bits, 64 bytes of 2-bit codes, 12 bytes
+# Q2_K: 16 bytes of 4-bit scales (low) and mins (high), 64 bytes of 2-bit codes,
+# f16 d, f16 dmin. Q3_K: 32 bytes of third bits, 64 bytes of 2-bit codes, 12 bytes
 # of 6-bit scales (offset -32), f16 d. In half h, byte m of the codes holds values
 # 128h + 32j + m at bits 2j, and (Q3_K) bit 4h + j of third-bit byte m is set where that value's
 # code is not 4 lower; scale (and min) 8h + 2j + m // 16 covers it. Per activation row,
@@ -373,13 +418,14 @@ def _q6_k_codegen(builder, block, rows, count, acc, vnni):
 def _q3_k_scales(builder, block):
     """Q3_K's 16 signed 6-bit scales as <16 x i16>: low 4 bits from the nibbles of bytes 0..7
     (low nibbles first), high 2 bits from the bit pairs of bytes 8..11 (bits 0-1 first)."""
-    packed = _load(builder, block, 96, _I8, 8)
+    scales_at = LAYOUTS[Q.Q3_K].field("scales").offset
+    packed = _load(builder, block, scales_at, _I8, 8)
     low = builder.shuffle_vector(
         builder.and_(packed, _splat(_I8, 8, 15)),
         builder.lshr(packed, _splat(_I8, 8, 4)),
         ir.Constant(_vector(_I32, 16), list(range(16))),
     )
-    tops = _load(builder, block, 104, _I8, 4)
+    tops = _load(builder, block, scales_at + 8, _I8, 4)
     pairs = [
         builder.and_(builder.lshr(tops, _splat(_I8, 4, 2 * k)) if k else tops, _splat(_I8, 4, 3)) for k in range(4)
     ]
@@ -392,9 +438,13 @@ def _q3_k_scales(builder, block):
     return builder.sext(builder.sub(unsigned, _splat(_I8, 16, 32)), _vector(_I16, 16))
 
 
-def _two_bit_codegen(with_third_bits):
+def _two_bit_codegen(qtype):
+    with_third_bits = qtype == Q.Q3_K
+    codes_at = LAYOUTS[qtype].field("qs").offset
+    # Q3_K's third bits (hmask), or Q2_K's 4-bit scales and mins
+    packed_at = LAYOUTS[qtype].field("hmask" if with_third_bits else "scales").offset
+
     def codegen(builder, block, rows, count, acc, vnni):
-        codes_at = 32 if with_third_bits else 16
         values = []
         for h in range(2):
             packed = _load(builder, block, codes_at + 32 * h, _I8, 32)
@@ -402,16 +452,14 @@ def _two_bit_codegen(with_third_bits):
                 shifted = builder.lshr(builder.bitcast(packed, _vector(_I16, 16)), _splat(_I16, 16, 2 * j))
                 values.append(builder.and_(builder.bitcast(shifted, _vector(_I8, 32)), _splat(_I8, 32, 3)))
         if with_third_bits:
-            _or_where_bit_set(builder, values, _load(builder, block, 0, _I8, 32), 4)
+            _or_where_bit_set(builder, values, _load(builder, block, packed_at, _I8, 32), 4)
             scales = _q3_k_scales(builder, block)
-            # d is the block's last two bytes: the load ends with them.
-            d = _halves(builder, block, 102)[3]
+            (d,) = _block_halves(builder, block, qtype, "d")
         else:
-            packed_scales = _load(builder, block, 0, _I8, 16)
+            packed_scales = _load(builder, block, packed_at, _I8, 16)
             scales = builder.zext(builder.and_(packed_scales, _splat(_I8, 16, 15)), _vector(_I16, 16))
             mins = builder.zext(builder.lshr(packed_scales, _splat(_I8, 16, 4)), _vector(_I16, 16))
-            # d and dmin are the block's last four bytes: the load ends with them.
-            d, dmin = _halves(builder, block, 76)[2:]
+            d, dmin = _block_halves(builder, block, qtype, "d", "dmin")
         scale_splats = _sixteen_scale_splats(builder, scales)
         lanes = 8 if with_third_bits else 16
         for t in range(count):
@@ -472,12 +520,15 @@ def _fifth_bit_values(builder, block, bits_at):
     return builder.shl(fifth, _splat(_I8, 32, 4))
 
 
-# The 32-value formats (layouts in legacy.py): where the fifth-bit word (Q5_0) and the codes
-# sit in a block and the constant offset of the codes, which goes through the block's code sum.
-# Per activation row, acc[0:8] gets d * d_x * (values . codes).
+# The 32-value formats Q4_0, Q5_0 and Q8_0: the constant offset of the codes goes through the
+# block's code sum. Per activation row, acc[0:8] gets d * d_x * (values . codes).
 
 
-def _legacy_codegen(bits_at, codes_at, value_offset):
+def _legacy_codegen(qtype, value_offset):
+    layout = LAYOUTS[qtype]
+    d_at, codes_at = layout.offsets("d", "qs")
+    bits_at = layout.field("qh").offset if qtype == Q.Q5_0 else None
+
     def codegen(builder, block, rows, count, acc, vnni):
         if value_offset is None:
             weights = _load(builder, block, codes_at, _I8, 32)
@@ -485,7 +536,7 @@ def _legacy_codegen(bits_at, codes_at, value_offset):
             values = _nibbles_32(builder, block, codes_at)
             if bits_at is not None:
                 values = builder.or_(values, _fifth_bit_values(builder, block, bits_at))
-        d = _splatted_half(builder, block, 0)
+        d = _splatted_half(builder, block, d_at)
         for t in range(count):
             activations = _load(builder, rows.codes_at(t), 0, _I8, 32)
             if value_offset is None:
@@ -513,15 +564,19 @@ def _fifth_bits(builder, words, half):
     return builder.and_(builder.sext(is_set, _vector(_I8, 32)), _splat(_I8, 32, 16))
 
 
+_Q5_0_BYTES = LAYOUTS[Q.Q5_0].type_size
+_Q5_0_D, _Q5_0_QH, _Q5_0_QS = LAYOUTS[Q.Q5_0].offsets("d", "qh", "qs")
+
+
 def _q5_0_pair_codegen(builder, block, rows, count, acc, vnni):
-    """Two Q5_0 blocks (A at `block`, B 22 bytes on) as one: values 0..15 of A and B fill one
+    """Two Q5_0 blocks (A at `block`, B one block on) as one: values 0..15 of A and B fill one
     <32 x i8>, values 16..31 another, against activation codes laid out the same way
     (_pair_activations). Per activation row, acc[0:4] gets d_A * d_x,A * (A's lane sums) and
     acc[4:8] the same for B: one conversion and one FMA for both blocks, where one block a
     time spends a 32-byte shuffle on its nibbles and another on its scale."""
     packed = builder.shuffle_vector(
-        _load(builder, block, 6, _I8, 16),
-        _load(builder, block, 28, _I8, 16),
+        _load(builder, block, _Q5_0_QS, _I8, 16),
+        _load(builder, block, _Q5_0_BYTES + _Q5_0_QS, _I8, 16),
         ir.Constant(_vector(_I32, 32), list(range(32))),
     )
     high_nibbles = builder.bitcast(
@@ -530,7 +585,7 @@ def _q5_0_pair_codegen(builder, block, rows, count, acc, vnni):
     splat_words = ir.FunctionType(_vector(_I32, 8), [_I8.as_pointer()])
     word_a, word_b = [
         builder.asm(splat_words, "vpbroadcastd ($1), $0", "=x,r", [_address(builder, block, offset)], side_effect=False)
-        for offset in (2, 24)
+        for offset in (_Q5_0_QH, _Q5_0_BYTES + _Q5_0_QH)
     ]
     words = builder.shuffle_vector(word_a, word_b, ir.Constant(_vector(_I32, 8), [0, 1, 2, 3, 12, 13, 14, 15]))
     values = [
@@ -540,7 +595,7 @@ def _q5_0_pair_codegen(builder, block, rows, count, acc, vnni):
     broadcast = ir.FunctionType(_vector(_I16, 8), [_I8.as_pointer()])
     halves = [
         builder.asm(broadcast, "vpbroadcastw ($1), $0", "=x,r", [_address(builder, block, offset)], side_effect=False)
-        for offset in (0, 22)
+        for offset in (_Q5_0_D, _Q5_0_BYTES + _Q5_0_D)
     ]
     scales_ab = builder.shuffle_vector(
         halves[0], halves[1], ir.Constant(_vector(_I32, 8), [0, 1, 2, 3, 12, 13, 14, 15])
@@ -561,22 +616,26 @@ def _q5_0_pair_codegen(builder, block, rows, count, acc, vnni):
         _accumulate(builder, _acc_at(builder, acc, 8 * t), builder.fmul(weight_scales, rows.lane_scales(t)), total)
 
 
-def _offset_codegen(bits_at, codes_at):
+def _offset_codegen(qtype):
+    layout = LAYOUTS[qtype]
+    codes_at = layout.field("qs").offset
+    bits_at = layout.field("qh").offset if qtype == Q.Q5_1 else None
+
     def codegen(builder, block, rows, count, acc, vnni):
-        _codes_with_minimum(builder, block, rows, count, acc, vnni, bits_at, codes_at)
+        _codes_with_minimum(builder, block, rows, count, acc, vnni, qtype, bits_at, codes_at)
 
     return codegen
 
 
-def _codes_with_minimum(builder, block, rows, count, acc, vnni, bits_at, codes_at):
-    """Q4_1 (20 bytes: f16 d, f16 m, 16 bytes of nibbles) and Q5_1 (24 bytes: f16 d, f16 m,
-    fifth-bit word, nibbles) against Q8_1 activations, whose sums are ggml's
-    s = f16(d_x * sum of codes): acc[0:8] gets d * d_x * (values . codes) and acc[8] m * s, as
-    ggml's AVX2 vec_dot_q4_1_q8_1 and vec_dot_q5_1_q8_1 do."""
+def _codes_with_minimum(builder, block, rows, count, acc, vnni, qtype, bits_at, codes_at):
+    """Q4_1 (f16 d, f16 m, 16 bytes of nibbles) and Q5_1 (f16 d, f16 m, fifth-bit word, nibbles)
+    against Q8_1 activations, whose sums are ggml's s = f16(d_x * sum of codes): acc[0:8] gets
+    d * d_x * (values . codes) and acc[8] m * s, as ggml's AVX2 vec_dot_q4_1_q8_1 and
+    vec_dot_q5_1_q8_1 do."""
     values = _nibbles_32(builder, block, codes_at)
     if bits_at is not None:
         values = builder.or_(values, _fifth_bit_values(builder, block, bits_at))
-    d, m = _halves(builder, block, 0)[:2]
+    d, m = _block_halves(builder, block, qtype, "d", "m")
     fma = _function(builder, "llvm.fma.f32", _F32, [_F32] * 3)
     for t in range(count):
         total = _dot_bytes(builder, vnni, None, values, _load(builder, rows.codes_at(t), 0, _I8, 32))
@@ -585,9 +644,12 @@ def _codes_with_minimum(builder, block, rows, count, acc, vnni, bits_at, codes_a
         builder.store(builder.call(fma, [m, builder.load(rows.sums_at(t)), builder.load(offset_lane)]), offset_lane)
 
 
-# TQ2_0 (66 bytes): 64 bytes of 2-bit codes, f16 d. Byte m of chunk c (32 bytes) holds values
+# TQ2_0: 64 bytes of 2-bit codes, f16 d. Byte m of chunk c (32 bytes) holds values
 # 128c + 32l + m at bits 2l; the codes are 0..2 with an offset of -1, which goes through the
 # 16-value code sums. Per activation row, acc[0:8] gets d * d_x * ((q - 1) . codes).
+
+
+_TQ2_0_QS, _TQ2_0_D = LAYOUTS[Q.TQ2_0].offsets("qs", "d")
 
 
 def _tq2_0_codegen(builder, block, rows, count, acc, vnni):
@@ -597,7 +659,7 @@ def _tq2_0_codegen(builder, block, rows, count, acc, vnni):
     # before they meet the others.
     plain, fourfold = [], []
     for c in range(2):
-        packed = _load(builder, block, 32 * c, _I8, 32)
+        packed = _load(builder, block, _TQ2_0_QS + 32 * c, _I8, 32)
         shifted = builder.bitcast(
             builder.lshr(builder.bitcast(packed, _vector(_I16, 16)), _splat(_I16, 16, 4)), _vector(_I8, 32)
         )
@@ -607,7 +669,7 @@ def _tq2_0_codegen(builder, block, rows, count, acc, vnni):
     # Activation codes of value group l (bits 2l) of chunk c start at byte 128c + 32l.
     plain_at = [128 * c + 32 * l for c in range(2) for l in (0, 2)]
     fourfold_at = [128 * c + 32 * l for c in range(2) for l in (1, 3)]
-    d = _splatted_half(builder, block, 64)
+    d = _splatted_half(builder, block, _TQ2_0_D)
     for t in range(count):
         codes = rows.codes_at(t)
         if vnni:
@@ -638,7 +700,7 @@ def _tq2_0_codegen(builder, block, rows, count, acc, vnni):
         )
 
 
-# TQ1_0 (54 bytes): 48 bytes of five base-3 digits each, 4 bytes of four, f16 d. Digit n of a
+# TQ1_0: 48 bytes of five base-3 digits each, 4 bytes of four, f16 d. Digit n of a
 # byte b is floor(3 * (b * 3^n mod 256) / 256): bytes 0..31 hold values 32n + m, bytes 32..47
 # values 160 + 16n + m, bytes 48..51 values 240 + 4n + m. The codes are 0..2 with an offset
 # of -1, which goes through the 16-value code sums. The weights are read as bytes 0..31 and
@@ -647,6 +709,10 @@ def _tq2_0_codegen(builder, block, rows, count, acc, vnni):
 # second (zeros against bytes 22..31 and the scale). Per activation row, acc[0:8] gets
 # d * d_x * ((q - 1) . codes).
 _TQ1_0_ACTIVATION_BYTES = 320
+_TQ1_0_BYTES = LAYOUTS[Q.TQ1_0].type_size
+_TQ1_0_QS, _TQ1_0_D = LAYOUTS[Q.TQ1_0].offsets("qs", "d")
+# The last 32 bytes of the block.
+_TQ1_0_TAIL = _TQ1_0_BYTES - 32
 # Digit n of every byte value, for the table lookups of _tq1_0_table_digits.
 _TQ1_0_DIGITS = [[(3 * (b * 3**n % 256)) >> 8 for b in range(256)] for n in range(5)]
 
@@ -654,7 +720,7 @@ _TQ1_0_DIGITS = [[(3 * (b * 3**n % 256)) >> 8 for b in range(256)] for n in rang
 def _tq1_0_arithmetic_digits(builder, block):
     """The ten digit vectors in layout order, computed: times 3 and two compares per digit."""
     digits = [[], []]
-    for half, offset in enumerate((0, 22)):
+    for half, offset in enumerate((_TQ1_0_QS, _TQ1_0_TAIL)):
         powers = _load(builder, block, offset, _I8, 32)
         for n in range(5):
             if n:
@@ -676,8 +742,8 @@ def _tq1_0_table_digits(builder, block):
     7 bits) and a blend on the byte's top bit, where the arithmetic takes six operations for
     each 32 bytes."""
     both = builder.shuffle_vector(
-        _load(builder, block, 0, _I8, 32),
-        _load(builder, block, 22, _I8, 32),
+        _load(builder, block, _TQ1_0_QS, _I8, 32),
+        _load(builder, block, _TQ1_0_TAIL, _I8, 32),
         ir.Constant(_vector(_I32, 64), list(range(64))),
     )
     high = builder.icmp_signed("<", both, _splat(_I8, 64, 0))
@@ -693,7 +759,7 @@ def _tq1_0_table_digits(builder, block):
 
 def _tq1_0_codegen(builder, block, rows, count, acc, vnni):
     digits = _tq1_0_table_digits(builder, block) if HAS_VBMI else _tq1_0_arithmetic_digits(builder, block)
-    d = _splatted_half(builder, block, 52)
+    d = _splatted_half(builder, block, _TQ1_0_D)
     for t in range(count):
         codes = rows.codes_at(t)
         if HAS_VBMI:
@@ -729,23 +795,40 @@ def _tq1_0_codegen(builder, block, rows, count, acc, vnni):
 
 
 _Q4_0, _Q5_0, _Q8_0, _Q4_K, _Q6_K, _Q4_1, _TQ2_0, _Q5_0_PAIRS, _Q5_K, _Q2_K, _Q3_K, _Q5_1, _TQ1_0 = range(13)
+
+
+def _format(qtype, lanes, codegen):
+    """A kind's entry from the format's layout: its bytes and values per block, and the values
+    per code sum of its activations (Q8_K's bsums; Q8_0 and Q8_1 sum a block)."""
+    layout = LAYOUTS[qtype]
+    sum_group = Q8_K_SUM_GROUP if layout.activation == Q.Q8_K else Q8_0_BLOCK
+    return layout.type_size, layout.block_size, sum_group, lanes, codegen
+
+
 # Per kind: bytes per block, values per block, values per code sum, acc lanes per activation
 # row, and the block's code generator.
 _FORMATS = {
-    _Q4_0: (18, 32, 32, 8, _legacy_codegen(None, 2, 8)),
-    _Q5_0: (22, 32, 32, 8, _legacy_codegen(2, 6, 16)),
-    _Q8_0: (34, 32, 32, 8, _legacy_codegen(None, 2, None)),
-    _Q4_K: (144, 256, 16, 16, _k_scales_codegen(16, None)),
-    _Q6_K: (210, 256, 16, 8, _q6_k_codegen),
-    _Q4_1: (20, 32, 32, 16, _offset_codegen(None, 4)),
-    _TQ2_0: (66, 256, 16, 8, _tq2_0_codegen),
-    _Q5_0_PAIRS: (44, 64, 8, 8, _q5_0_pair_codegen),
-    _Q5_K: (176, 256, 16, 16, _k_scales_codegen(48, 16)),
-    _Q2_K: (84, 256, 16, 16, _two_bit_codegen(False)),
-    _Q3_K: (110, 256, 16, 8, _two_bit_codegen(True)),
-    _Q5_1: (24, 32, 32, 16, _offset_codegen(4, 8)),
-    # "values": the activation bytes per block; 16 code sums over them.
-    _TQ1_0: (54, _TQ1_0_ACTIVATION_BYTES, _TQ1_0_ACTIVATION_BYTES // 16, 8, _tq1_0_codegen),
+    _Q4_0: _format(Q.Q4_0, 8, _legacy_codegen(Q.Q4_0, 8)),
+    _Q5_0: _format(Q.Q5_0, 8, _legacy_codegen(Q.Q5_0, 16)),
+    _Q8_0: _format(Q.Q8_0, 8, _legacy_codegen(Q.Q8_0, None)),
+    _Q4_K: _format(Q.Q4_K, 16, _k_scales_codegen(Q.Q4_K)),
+    _Q6_K: _format(Q.Q6_K, 8, _q6_k_codegen),
+    _Q4_1: _format(Q.Q4_1, 16, _offset_codegen(Q.Q4_1)),
+    _TQ2_0: _format(Q.TQ2_0, 8, _tq2_0_codegen),
+    # Two blocks as one, with 8 activation lane scales and offsets (_pair_activations) per pair.
+    _Q5_0_PAIRS: (2 * _Q5_0_BYTES, 2 * Q8_0_BLOCK, 2 * Q8_0_BLOCK // 8, 8, _q5_0_pair_codegen),
+    _Q5_K: _format(Q.Q5_K, 16, _k_scales_codegen(Q.Q5_K)),
+    _Q2_K: _format(Q.Q2_K, 16, _two_bit_codegen(Q.Q2_K)),
+    _Q3_K: _format(Q.Q3_K, 8, _two_bit_codegen(Q.Q3_K)),
+    _Q5_1: _format(Q.Q5_1, 16, _offset_codegen(Q.Q5_1)),
+    # "values": the activation bytes per block, with its Q8_K block's code sums over them.
+    _TQ1_0: (
+        _TQ1_0_BYTES,
+        _TQ1_0_ACTIVATION_BYTES,
+        _TQ1_0_ACTIVATION_BYTES // (Q8_K_BLOCK // Q8_K_SUM_GROUP),
+        8,
+        _tq1_0_codegen,
+    ),
 }
 _BLOCK_BYTES = tuple(_FORMATS[kind][0] for kind in range(len(_FORMATS)))
 _ACC_LANES = tuple(_FORMATS[kind][3] for kind in range(len(_FORMATS)))
@@ -844,7 +927,7 @@ def _tile(kind, count, weights, activations, acc, lanes, first, rows_of_chunk, o
 
 @njit(cache=True, nogil=True)
 def products_q4_0(raw, X, out):
-    codes, scales, sums = codes_of(X, 32, np.int32)
+    codes, scales, sums = codes_of(X, Q8_0_BLOCK, np.int32)
     _products(raw, codes, scales, sums, out, _Q4_0)
 
 
@@ -873,7 +956,7 @@ def _pair_activations(codes, scales, sums, value_offset):
 
 @njit(cache=True, nogil=True)
 def products_q5_0(raw, X, out):
-    codes, scales, sums = codes_of(X, 32, np.int32)
+    codes, scales, sums = codes_of(X, Q8_0_BLOCK, np.int32)
     if codes.shape[1] % 64:
         _products(raw, codes, scales, sums, out, _Q5_0)
     else:
@@ -883,49 +966,49 @@ def products_q5_0(raw, X, out):
 
 @njit(cache=True, nogil=True)
 def products_q5_1(raw, X, out):
-    codes, scales, sums = codes_of(X, 32, np.float32)
+    codes, scales, sums = codes_of(X, Q8_0_BLOCK, np.float32)
     _products(raw, codes, scales, sums, out, _Q5_1)
 
 
 @njit(cache=True, nogil=True)
 def products_q8_0(raw, X, out):
-    codes, scales, sums = codes_of(X, 32, np.int32)
+    codes, scales, sums = codes_of(X, Q8_0_BLOCK, np.int32)
     _products(raw, codes, scales, sums, out, _Q8_0)
 
 
 @njit(cache=True, nogil=True)
 def products_q4_1(raw, X, out):
-    codes, scales, sums = codes_of(X, 32, np.float32)
+    codes, scales, sums = codes_of(X, Q8_0_BLOCK, np.float32)
     _products(raw, codes, scales, sums, out, _Q4_1)
 
 
 @njit(cache=True, nogil=True)
 def products_q2_k(raw, X, out):
-    codes, scales, sums = codes_of(X, 256, np.int16)
+    codes, scales, sums = codes_of(X, Q8_K_BLOCK, np.int16)
     _products(raw, codes, scales, sums, out, _Q2_K)
 
 
 @njit(cache=True, nogil=True)
 def products_q3_k(raw, X, out):
-    codes, scales, sums = codes_of(X, 256, np.int16)
+    codes, scales, sums = codes_of(X, Q8_K_BLOCK, np.int16)
     _products(raw, codes, scales, sums, out, _Q3_K)
 
 
 @njit(cache=True, nogil=True)
 def products_q4_k(raw, X, out):
-    codes, scales, sums = codes_of(X, 256, np.int16)
+    codes, scales, sums = codes_of(X, Q8_K_BLOCK, np.int16)
     _products(raw, codes, scales, sums, out, _Q4_K)
 
 
 @njit(cache=True, nogil=True)
 def products_q5_k(raw, X, out):
-    codes, scales, sums = codes_of(X, 256, np.int16)
+    codes, scales, sums = codes_of(X, Q8_K_BLOCK, np.int16)
     _products(raw, codes, scales, sums, out, _Q5_K)
 
 
 @njit(cache=True, nogil=True)
 def products_q6_k(raw, X, out):
-    codes, scales, sums = codes_of(X, 256, np.int16)
+    codes, scales, sums = codes_of(X, Q8_K_BLOCK, np.int16)
     _products(raw, codes, scales, sums, out, _Q6_K)
 
 
@@ -935,11 +1018,11 @@ def _tq1_0_activations(codes):
     n = 0..4, values 32n .. 32n + 31, then ten zeros, values 160 + 16n .. + 15, values
     240 + 4n .. + 3 (zeros for n = 4) and two zeros."""
     n, cols = codes.shape
-    blocks = cols // 256
+    blocks = cols // Q8_K_BLOCK
     laid_out = np.zeros((n, blocks * _TQ1_0_ACTIVATION_BYTES), dtype=np.int8)
     for i in range(n):
         for b in range(blocks):
-            source = 256 * b
+            source = Q8_K_BLOCK * b
             target = _TQ1_0_ACTIVATION_BYTES * b
             for digit in range(5):
                 first = target + 64 * digit
@@ -955,17 +1038,16 @@ def _tq1_0_activations(codes):
 
 @njit(cache=True, nogil=True)
 def products_tq1_0(raw, X, out):
-    codes, scales, sums = codes_of(X, 256, np.int16)
+    codes, scales, sums = codes_of(X, Q8_K_BLOCK, np.int16)
     _products(raw, _tq1_0_activations(codes), scales, sums, out, _TQ1_0)
 
 
 @njit(cache=True, nogil=True)
 def products_tq2_0(raw, X, out):
-    codes, scales, sums = codes_of(X, 256, np.int16)
+    codes, scales, sums = codes_of(X, Q8_K_BLOCK, np.int16)
     _products(raw, codes, scales, sums, out, _TQ2_0)
 
 
-Q = GGMLQuantizationType
 # products(raw, X float32[n, cols], out float32[n, rows]): X rounded to 8-bit codes
 # (activations.codes_of, ggml's Q8_0 / Q8_1 / Q8_K for the format) and multiplied, in one call.
 # One kernel serves matvec (n = 1) and matmul.

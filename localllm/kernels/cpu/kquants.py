@@ -41,10 +41,25 @@ import numpy as np
 from gguf import GGMLQuantizationType
 from numba import njit, prange
 
+from localllm.formats.quants import LAYOUTS, CpuKernels, k_scales_mins, served_by
 from localllm.kernels.cpu.floats import load_half
 from localllm.kernels.cpu.pointers import data_pointer, stack_pointer
 
-QK_K = 256
+Q = GGMLQuantizationType
+
+# Block sizes and field offsets (localllm/formats/quants.py), frozen by Numba into the code.
+(QK_K,) = {LAYOUTS[qtype].block_size for qtype in served_by(CpuKernels.KQUANTS)}
+_Q2_K_SCALES, _Q2_K_QS, _Q2_K_D, _Q2_K_DMIN = LAYOUTS[Q.Q2_K].offsets("scales", "qs", "d", "dmin")
+_Q3_K_HMASK, _Q3_K_QS, _Q3_K_SCALES, _Q3_K_D = LAYOUTS[Q.Q3_K].offsets("hmask", "qs", "scales", "d")
+_Q4_K_D, _Q4_K_DMIN, _Q4_K_SCALES, _Q4_K_QS = LAYOUTS[Q.Q4_K].offsets("d", "dmin", "scales", "qs")
+_Q5_K_D, _Q5_K_DMIN, _Q5_K_SCALES, _Q5_K_QH, _Q5_K_QS = LAYOUTS[Q.Q5_K].offsets("d", "dmin", "scales", "qh", "qs")
+_Q6_K_QL, _Q6_K_QH, _Q6_K_SCALES, _Q6_K_D = LAYOUTS[Q.Q6_K].offsets("ql", "qh", "scales", "d")
+_TQ1_0_QS, _TQ1_0_QH, _TQ1_0_D = LAYOUTS[Q.TQ1_0].offsets("qs", "qh", "d")
+_TQ2_0_QS, _TQ2_0_D = LAYOUTS[Q.TQ2_0].offsets("qs", "d")
+_Q4_K_BYTES = LAYOUTS[Q.Q4_K].type_size
+_Q6_K_BYTES = LAYOUTS[Q.Q6_K].type_size
+_TQ2_0_BYTES = LAYOUTS[Q.TQ2_0].type_size
+
 ROW_TILE = 4
 # Rows per parallel work item of matvec: big enough to amortize scheduling and scratch
 # allocation, small enough to balance across cores on the 256-row projections.
@@ -55,20 +70,21 @@ _FAST = {"reassoc", "contract", "nsz"}
 # kernel was just compiled or loaded from the cache, unlike reassociation (see above).
 _CONTRACT = {"contract"}
 
-Q = GGMLQuantizationType
-
 
 # Block decoders: exact dequantization of one block at row[o:] into w[0:256].
+
+
+_k_scales_mins = njit(nogil=True, inline="always")(k_scales_mins)
 
 
 @njit(cache=True, nogil=True)
 def _k_scale_min(row, o, j):
     """6-bit scale and min of sub-block j (0..7) from the 12 packed bytes at row[o:]."""
+    i = j & 3
+    low_scale, low_min, high_scale, high_min = _k_scales_mins(row[o + i], row[o + 4 + i], row[o + 8 + i])
     if j < 4:
-        return row[o + j] & 63, row[o + j + 4] & 63
-    scale = (row[o + j + 4] & 0xF) | ((row[o + j - 4] >> 6) << 4)
-    minimum = (row[o + j + 4] >> 4) | ((row[o + j] >> 6) << 4)
-    return scale, minimum
+        return low_scale, low_min
+    return high_scale, high_min
 
 
 @njit(cache=True, nogil=True)
@@ -81,15 +97,15 @@ def _q3_k_scale(row, o, i):
 
 @njit(cache=True, nogil=True)
 def _decode_q2_k(row, o, w):
-    d = load_half(row, o + 80)
-    dmin = load_half(row, o + 82)
+    d = load_half(row, o + _Q2_K_D)
+    dmin = load_half(row, o + _Q2_K_DMIN)
     for h in range(2):
         for j in range(4):
             for half in range(2):
-                packed = row[o + 8 * h + 2 * j + half]
+                packed = row[o + _Q2_K_SCALES + 8 * h + 2 * j + half]
                 dl = d * np.float32(packed & 0xF)
                 ml = dmin * np.float32(packed >> 4)
-                base = o + 16 + 32 * h + 16 * half
+                base = o + _Q2_K_QS + 32 * h + 16 * half
                 p = 128 * h + 32 * j + 16 * half
                 for l in range(16):
                     w[p + l] = dl * np.float32((row[base + l] >> (2 * j)) & 3) - ml
@@ -97,31 +113,31 @@ def _decode_q2_k(row, o, w):
 
 @njit(cache=True, nogil=True)
 def _decode_q3_k(row, o, w):
-    d = load_half(row, o + 108)
+    d = load_half(row, o + _Q3_K_D)
     for h in range(2):
         for j in range(4):
             bit = 4 * h + j
             for half in range(2):
-                dl = d * np.float32(_q3_k_scale(row, o + 96, 8 * h + 2 * j + half))
+                dl = d * np.float32(_q3_k_scale(row, o + _Q3_K_SCALES, 8 * h + 2 * j + half))
                 p = 128 * h + 32 * j + 16 * half
                 for l in range(16 * half, 16 * half + 16):
-                    low = np.int32((row[o + 32 + 32 * h + l] >> (2 * j)) & 3)
-                    high = np.int32((row[o + l] >> bit) & 1)
+                    low = np.int32((row[o + _Q3_K_QS + 32 * h + l] >> (2 * j)) & 3)
+                    high = np.int32((row[o + _Q3_K_HMASK + l] >> bit) & 1)
                     w[p + l - 16 * half] = dl * np.float32(low - 4 + 4 * high)
 
 
 @njit(cache=True, nogil=True)
 def _decode_q4_k(row, o, w):
-    d = load_half(row, o)
-    dmin = load_half(row, o + 2)
+    d = load_half(row, o + _Q4_K_D)
+    dmin = load_half(row, o + _Q4_K_DMIN)
     for j in range(4):
-        sc1, m1 = _k_scale_min(row, o + 4, 2 * j)
-        sc2, m2 = _k_scale_min(row, o + 4, 2 * j + 1)
+        sc1, m1 = _k_scale_min(row, o + _Q4_K_SCALES, 2 * j)
+        sc2, m2 = _k_scale_min(row, o + _Q4_K_SCALES, 2 * j + 1)
         d1 = d * np.float32(sc1)
         d2 = d * np.float32(sc2)
         min1 = dmin * np.float32(m1)
         min2 = dmin * np.float32(m2)
-        qs = row[o + 16 + 32 * j : o + 48 + 32 * j]
+        qs = row[o + _Q4_K_QS + 32 * j : o + _Q4_K_QS + 32 + 32 * j]
         low = w[64 * j : 64 * j + 32]
         high = w[64 * j + 32 : 64 * j + 64]
         for l in range(32):
@@ -131,18 +147,18 @@ def _decode_q4_k(row, o, w):
 
 @njit(cache=True, nogil=True)
 def _decode_q5_k(row, o, w):
-    d = load_half(row, o)
-    dmin = load_half(row, o + 2)
+    d = load_half(row, o + _Q5_K_D)
+    dmin = load_half(row, o + _Q5_K_DMIN)
     for j in range(4):
-        sc1, m1 = _k_scale_min(row, o + 4, 2 * j)
-        sc2, m2 = _k_scale_min(row, o + 4, 2 * j + 1)
+        sc1, m1 = _k_scale_min(row, o + _Q5_K_SCALES, 2 * j)
+        sc2, m2 = _k_scale_min(row, o + _Q5_K_SCALES, 2 * j + 1)
         d1 = d * np.float32(sc1)
         d2 = d * np.float32(sc2)
         min1 = dmin * np.float32(m1)
         min2 = dmin * np.float32(m2)
         for l in range(32):
-            v = row[o + 48 + 32 * j + l]
-            hbits = row[o + 16 + l] >> (2 * j)
+            v = row[o + _Q5_K_QS + 32 * j + l]
+            hbits = row[o + _Q5_K_QH + l] >> (2 * j)
             w[64 * j + l] = d1 * np.float32((v & 0xF) | ((hbits & 1) << 4)) - min1
             w[64 * j + 32 + l] = d2 * np.float32((v >> 4) | ((hbits & 2) << 3)) - min2
 
@@ -151,17 +167,19 @@ def _decode_q5_k(row, o, w):
 def _decode_q6_k(row, o, w):
     # The 6-bit code is assembled in float32 (exact for these small integers) from masked
     # fields scaled by powers of two: integer shifts would not vectorize (see above).
-    d = load_half(row, o + 208)
+    d = load_half(row, o + _Q6_K_D)
     for h in range(2):
         for g in range(2):
-            s = o + 192 + 8 * h + g
+            s = o + _Q6_K_SCALES + 8 * h + g
             d1 = d * np.float32(np.int8(row[s]))
             d2 = d * np.float32(np.int8(row[s + 2]))
             d3 = d * np.float32(np.int8(row[s + 4]))
             d4 = d * np.float32(np.int8(row[s + 6]))
-            low = row[o + 64 * h + 16 * g : o + 64 * h + 16 * g + 16]
-            high = row[o + 64 * h + 32 + 16 * g : o + 64 * h + 48 + 16 * g]
-            top = row[o + 128 + 32 * h + 16 * g : o + 128 + 32 * h + 16 * g + 16]
+            ql = o + _Q6_K_QL + 64 * h + 16 * g
+            qh = o + _Q6_K_QH + 32 * h + 16 * g
+            low = row[ql : ql + 16]
+            high = row[ql + 32 : ql + 48]
+            top = row[qh : qh + 16]
             p = 128 * h + 16 * g
             w1 = w[p : p + 16]
             w2 = w[p + 32 : p + 48]
@@ -188,26 +206,26 @@ def _ternary_digit(byte, power_of_3):
 
 @njit(cache=True, nogil=True)
 def _decode_tq1_0(row, o, w):
-    d = load_half(row, o + 52)
+    d = load_half(row, o + _TQ1_0_D)
     power_of_3 = 1
     for n in range(5):
         for m in range(32):
-            w[32 * n + m] = _ternary_digit(row[o + m], power_of_3) * d
+            w[32 * n + m] = _ternary_digit(row[o + _TQ1_0_QS + m], power_of_3) * d
         for m in range(16):
-            w[160 + 16 * n + m] = _ternary_digit(row[o + 32 + m], power_of_3) * d
+            w[160 + 16 * n + m] = _ternary_digit(row[o + _TQ1_0_QS + 32 + m], power_of_3) * d
         if n < 4:
             for m in range(4):
-                w[240 + 4 * n + m] = _ternary_digit(row[o + 48 + m], power_of_3) * d
+                w[240 + 4 * n + m] = _ternary_digit(row[o + _TQ1_0_QH + m], power_of_3) * d
         power_of_3 *= 3
 
 
 @njit(cache=True, nogil=True)
 def _decode_tq2_0(row, o, w):
-    d = load_half(row, o + 64)
+    d = load_half(row, o + _TQ2_0_D)
     for h in range(2):
         for j in range(4):
             for l in range(32):
-                q = np.int32((row[o + 32 * h + l] >> (2 * j)) & 3)
+                q = np.int32((row[o + _TQ2_0_QS + 32 * h + l] >> (2 * j)) & 3)
                 w[128 * h + 32 * j + l] = np.float32(q - 1) * d
 
 
@@ -216,7 +234,7 @@ def _decode_tq2_0(row, o, w):
 # parallel loop. The branch is taken once per block, and always the same way.
 
 _Q2_K, _Q3_K, _Q4_K, _Q5_K, _Q6_K, _TQ1_0, _TQ2_0 = range(7)
-_BLOCK_BYTES = (84, 110, 144, 176, 210, 54, 66)
+_BLOCK_BYTES = tuple(LAYOUTS[qtype].type_size for qtype in (Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K, Q.TQ1_0, Q.TQ2_0))
 
 
 @njit(cache=True, nogil=True)
@@ -357,20 +375,22 @@ def _sums(x, group):
 def _q4_k_scales_mins(row, o, scales, mins):
     """The 6-bit scales and mins of the 8 sub-blocks of the Q4_K/Q5_K block at row[o:]."""
     for j in range(4):
-        low_scale = np.int32(row[o + 4 + j])
-        low_min = np.int32(row[o + 8 + j])
-        high = np.int32(row[o + 12 + j])
-        scales[j] = np.float32(low_scale & 63)
-        mins[j] = np.float32(low_min & 63)
-        scales[j + 4] = np.float32((high & 0xF) | ((low_scale & 0xC0) >> 2))
-        mins[j + 4] = np.float32((high >> 4) | ((low_min & 0xC0) >> 2))
+        low_scale, low_min, high_scale, high_min = _k_scales_mins(
+            np.int32(row[o + _Q4_K_SCALES + j]),
+            np.int32(row[o + _Q4_K_SCALES + 4 + j]),
+            np.int32(row[o + _Q4_K_SCALES + 8 + j]),
+        )
+        scales[j] = np.float32(low_scale)
+        mins[j] = np.float32(low_min)
+        scales[j + 4] = np.float32(high_scale)
+        mins[j + 4] = np.float32(high_min)
 
 
 @njit(cache=True, nogil=True, parallel=True, fastmath=_CONTRACT)
 def matvec_q4_k(raw, x, out):
     rows = raw.shape[0]
     row_bytes = raw.shape[1]
-    n_blocks = row_bytes // 144
+    n_blocks = row_bytes // _Q4_K_BYTES
     sums32 = _sums(x, 32)
     for chunk in prange((rows + ROW_CHUNK - 1) // ROW_CHUNK):
         scales = numba.carray(stack_pointer(8), 8)
@@ -384,15 +404,15 @@ def matvec_q4_k(raw, x, out):
                 lanes[l] = 0.0
             shifted = np.float32(0.0)
             for k in range(n_blocks):
-                o = r * row_bytes + k * 144
+                o = r * row_bytes + k * _Q4_K_BYTES
                 _q4_k_scales_mins(p, o, scales, mins)
-                d = load_half(p, o)
+                d = load_half(p, o + _Q4_K_D)
                 block_shift = np.float32(0.0)
                 for j in range(8):
                     block_shift += mins[j] * sums32[8 * k + j]
-                shifted += load_half(p, o + 2) * block_shift
+                shifted += load_half(p, o + _Q4_K_DMIN) * block_shift
                 for j in range(4):
-                    qo = o + 16 + 32 * j
+                    qo = o + _Q4_K_QS + 32 * j
                     xo = k * QK_K + 64 * j
                     f_low = d * scales[2 * j]
                     f_high = d * scales[2 * j + 1] * np.float32(1 / 16)
@@ -418,7 +438,7 @@ _Q6_HIGH_FACTOR = np.array([(16.0, 4.0, 1.0, 1 / 4)[(i >> 1) & 3] for i in range
 def matvec_q6_k(raw, x, out):
     rows = raw.shape[0]
     row_bytes = raw.shape[1]
-    n_blocks = row_bytes // 210
+    n_blocks = row_bytes // _Q6_K_BYTES
     sums16 = _sums(x, 16)
     for chunk in prange((rows + ROW_CHUNK - 1) // ROW_CHUNK):
         # Per block: low[i], high[i] = d * scale i * its two field factors above.
@@ -434,16 +454,16 @@ def matvec_q6_k(raw, x, out):
             for l in range(48):
                 lanes[l] = 0.0
             for k in range(n_blocks):
-                o = r * row_bytes + k * 210
-                d = load_half(p, o + 208)
+                o = r * row_bytes + k * _Q6_K_BYTES
+                d = load_half(p, o + _Q6_K_D)
                 for i in range(16):
-                    s = d * np.float32(np.int8(p[o + 192 + i]))
+                    s = d * np.float32(np.int8(p[o + _Q6_K_SCALES + i]))
                     low[i] = s * _Q6_LOW_FACTOR[i]
                     high[i] = s * _Q6_HIGH_FACTOR[i]
                     lanes[32 + i] += s * sp[16 * k + i]
                 for h in range(2):
-                    ql = o + 64 * h
-                    qh = o + 128 + 32 * h
+                    ql = o + _Q6_K_QL + 64 * h
+                    qh = o + _Q6_K_QH + 32 * h
                     xo = k * QK_K + 128 * h
                     for g in range(2):
                         i = 8 * h + g
@@ -483,7 +503,7 @@ def matvec_q6_k(raw, x, out):
 @njit(cache=True, nogil=True, parallel=True)
 def matvec_tq2_0(raw, x, out):
     rows = raw.shape[0]
-    n_blocks = raw.shape[1] // 66
+    n_blocks = raw.shape[1] // _TQ2_0_BYTES
     sums = _sums(x, QK_K)
     for chunk in prange((rows + ROW_CHUNK - 1) // ROW_CHUNK):
         lanes = numba.carray(stack_pointer(32), 32)
@@ -493,8 +513,8 @@ def matvec_tq2_0(raw, x, out):
                 lanes[l] = 0.0
             shifted = np.float32(0.0)
             for k in range(n_blocks):
-                o = k * 66
-                d = load_half(row, o + 64)
+                o = k * _TQ2_0_BYTES
+                d = load_half(row, o + _TQ2_0_D)
                 # (q - 1) summed against x is (sum of q*x) - (sum of x).
                 shifted += d * sums[k]
                 d1 = d * np.float32(1 / 4)
@@ -503,7 +523,7 @@ def matvec_tq2_0(raw, x, out):
                 for h in range(2):
                     xo = k * QK_K + 128 * h
                     for l in range(32):
-                        v = row[o + 32 * h + l]
+                        v = row[o + _TQ2_0_QS + 32 * h + l]
                         lanes[l] += (
                             (np.float32(v & 3) * d) * x[xo + l]
                             + (np.float32(v & 12) * d1) * x[xo + 32 + l]

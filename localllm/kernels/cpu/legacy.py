@@ -1,11 +1,12 @@
 """Products for the 32-value block formats Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 (convention: products.py).
 
-Block layouts (ggml's block_q4_0 ... block_q8_0, little-endian, no padding):
-  Q4_0 18 bytes: f16 d, 16 bytes of nibbles     value = d * (q - 8)
-  Q4_1 20 bytes: f16 d, f16 m, 16 bytes          value = d * q + m
-  Q5_0 22 bytes: f16 d, u32 high bits, 16 bytes  value = d * (q - 16)
-  Q5_1 24 bytes: f16 d, f16 m, u32 high bits, 16 bytes   value = d * q + m
-  Q8_0 34 bytes: f16 d, 32 int8                  value = d * q
+Block layouts: localllm/formats/quants.py (ggml's block_q4_0 ... block_q8_0, little-endian,
+no padding), whose LAYOUTS gives every size and offset below:
+  Q4_0: f16 d, 16 bytes of nibbles     value = d * (q - 8)
+  Q4_1: f16 d, f16 m, 16 bytes          value = d * q + m
+  Q5_0: f16 d, u32 high bits, 16 bytes  value = d * (q - 16)
+  Q5_1: f16 d, f16 m, u32 high bits, 16 bytes   value = d * q + m
+  Q8_0: f16 d, 32 int8                  value = d * q
 Nibble byte j holds value j in its low half and value j + 16 in its high half; bit j of the
 high-bit word is the fifth bit of value j.
 
@@ -33,11 +34,22 @@ import numpy as np
 from gguf import GGMLQuantizationType
 from numba import literally, njit, prange
 
+from localllm.formats.quants import LAYOUTS, CpuKernels, served_by
 from localllm.kernels.cpu.floats import load_half
 from localllm.kernels.cpu.pointers import data_pointer, stack_pointer
 
+Q = GGMLQuantizationType
 _OPTIONS = dict(cache=True, nogil=True)
-BLOCK = 32
+(BLOCK,) = {LAYOUTS[qtype].block_size for qtype in served_by(CpuKernels.LEGACY)}
+# Bytes per block and field offsets, frozen by Numba into the code.
+_Q4_0_BYTES, _Q4_1_BYTES, _Q5_0_BYTES, _Q5_1_BYTES, _Q8_0_BYTES = (
+    LAYOUTS[qtype].type_size for qtype in (Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0)
+)
+_Q4_0_D, _Q4_0_QS = LAYOUTS[Q.Q4_0].offsets("d", "qs")
+_Q4_1_D, _Q4_1_M, _Q4_1_QS = LAYOUTS[Q.Q4_1].offsets("d", "m", "qs")
+_Q5_0_D, _Q5_0_QH, _Q5_0_QS = LAYOUTS[Q.Q5_0].offsets("d", "qh", "qs")
+_Q5_1_D, _Q5_1_M, _Q5_1_QH, _Q5_1_QS = LAYOUTS[Q.Q5_1].offsets("d", "m", "qh", "qs")
+_Q8_0_D, _Q8_0_QS = LAYOUTS[Q.Q8_0].offsets("d", "qs")
 # Rows handled per parallel task, so each task allocates its buffers once.
 _ROW_CHUNK = 16
 # Activation rows matmul dots against one decoded weight row at a time: each load of the
@@ -75,24 +87,25 @@ _Q4_0, _Q4_1, _Q5_0, _Q5_1, _Q8_0 = range(5)
 
 @njit(nogil=True, inline="always")
 def _layout(kind):
-    """Bytes per block, and where in a block its 16 bytes of low bits start."""
+    """Bytes per block, where in a block its scale d sits and where its 16 bytes of low bits
+    (Q8_0: its 32 codes) start."""
     if kind == _Q4_0:
-        return 18, 2
+        return _Q4_0_BYTES, _Q4_0_D, _Q4_0_QS
     if kind == _Q4_1:
-        return 20, 4
+        return _Q4_1_BYTES, _Q4_1_D, _Q4_1_QS
     if kind == _Q5_0:
-        return 22, 6
+        return _Q5_0_BYTES, _Q5_0_D, _Q5_0_QS
     if kind == _Q5_1:
-        return 24, 8
-    return 34, 2
+        return _Q5_1_BYTES, _Q5_1_D, _Q5_1_QS
+    return _Q8_0_BYTES, _Q8_0_D, _Q8_0_QS
 
 
 @njit(nogil=True, inline="always")
 def _fifth_bits(kind, p, bo):
     if kind == _Q5_0:
-        return _high_bits(p, bo + 2)
+        return _high_bits(p, bo + _Q5_0_QH)
     if kind == _Q5_1:
-        return _high_bits(p, bo + 4)
+        return _high_bits(p, bo + _Q5_1_QH)
     return np.uint32(0)
 
 
@@ -129,8 +142,10 @@ def _pair(kind, p, codes, h, xp, xo, j):
 def _offset_scale(kind, p, bo, d):
     """What multiplies a block's sum of x: m for Q4_1/Q5_1; d for the others, whose constant
     offset (-8, -16; none for Q8_0) is applied once per row in _with_offsets."""
-    if kind == _Q4_1 or kind == _Q5_1:
-        return load_half(p, bo + 2)
+    if kind == _Q4_1:
+        return load_half(p, bo + _Q4_1_M)
+    if kind == _Q5_1:
+        return load_half(p, bo + _Q5_1_M)
     return d
 
 
@@ -151,29 +166,29 @@ def _dot(kind, p, o, xp, x_sums, nb, lanes):
     xp; x_sums: block sums of x, nb: blocks per row, lanes: 32 stack floats. Two blocks per
     iteration go to two independent 16-lane sets; inside a block the values j and j + 16 are
     summed per position before the block scale."""
-    size, codes = _layout(kind)
+    size, scale, codes = _layout(kind)
     for j in range(32):
         lanes[j] = 0.0
     off0 = np.float32(0.0)
     off1 = np.float32(0.0)
     for b in range(0, nb - 1, 2):
         bo = o + b * size
-        d0 = load_half(p, bo)
-        d1 = load_half(p, bo + size)
+        d0 = load_half(p, bo + scale)
+        d1 = load_half(p, bo + size + scale)
         h0 = _fifth_bits(kind, p, bo)
         h1 = _fifth_bits(kind, p, bo + size)
-        xo = b * 32
+        xo = b * BLOCK
         for j in range(16):
             lanes[j] += d0 * _pair(kind, p, bo + codes, h0, xp, xo, j)
-            lanes[16 + j] += d1 * _pair(kind, p, bo + size + codes, h1, xp, xo + 32, j)
+            lanes[16 + j] += d1 * _pair(kind, p, bo + size + codes, h1, xp, xo + BLOCK, j)
         off0 += _offset_scale(kind, p, bo, d0) * x_sums[b]
         off1 += _offset_scale(kind, p, bo + size, d1) * x_sums[b + 1]
     if nb % 2:
         b = nb - 1
         bo = o + b * size
-        d0 = load_half(p, bo)
+        d0 = load_half(p, bo + scale)
         h0 = _fifth_bits(kind, p, bo)
-        xo = b * 32
+        xo = b * BLOCK
         for j in range(16):
             lanes[j] += d0 * _pair(kind, p, bo + codes, h0, xp, xo, j)
         off0 += _offset_scale(kind, p, bo, d0) * x_sums[b]
@@ -257,9 +272,9 @@ def _dot_buffer(buffer, X, r, out):
 @njit(**_OPTIONS)
 def _decode_q4_0(row, out):
     for b in range(out.shape[0] // BLOCK):
-        o = b * 18
-        d = load_half(row, o)
-        qs = row[o + 2 : o + 18]
+        o = b * _Q4_0_BYTES
+        d = load_half(row, o + _Q4_0_D)
+        qs = row[o + _Q4_0_QS : o + _Q4_0_QS + BLOCK // 2]
         values = out[b * BLOCK : (b + 1) * BLOCK]
         for j in range(16):
             values[j] = d * np.float32(np.int32(qs[j] & 15) - 8)
@@ -288,10 +303,10 @@ def dequantize_rows_q4_0(raw, row_ids, out):
 @njit(**_OPTIONS)
 def _decode_q4_1(row, out):
     for b in range(out.shape[0] // BLOCK):
-        o = b * 20
-        d = load_half(row, o)
-        m = load_half(row, o + 2)
-        qs = row[o + 4 : o + 20]
+        o = b * _Q4_1_BYTES
+        d = load_half(row, o + _Q4_1_D)
+        m = load_half(row, o + _Q4_1_M)
+        qs = row[o + _Q4_1_QS : o + _Q4_1_QS + BLOCK // 2]
         values = out[b * BLOCK : (b + 1) * BLOCK]
         for j in range(16):
             values[j] = d * np.float32(qs[j] & 15) + m
@@ -320,10 +335,10 @@ def dequantize_rows_q4_1(raw, row_ids, out):
 @njit(**_OPTIONS)
 def _decode_q5_0(row, out):
     for b in range(out.shape[0] // BLOCK):
-        o = b * 22
-        d = load_half(row, o)
-        high = _high_bits(row, o + 2)
-        qs = row[o + 6 : o + 22]
+        o = b * _Q5_0_BYTES
+        d = load_half(row, o + _Q5_0_D)
+        high = _high_bits(row, o + _Q5_0_QH)
+        qs = row[o + _Q5_0_QS : o + _Q5_0_QS + BLOCK // 2]
         values = out[b * BLOCK : (b + 1) * BLOCK]
         for j in range(16):
             q = np.uint32(qs[j])
@@ -355,11 +370,11 @@ def dequantize_rows_q5_0(raw, row_ids, out):
 @njit(**_OPTIONS)
 def _decode_q5_1(row, out):
     for b in range(out.shape[0] // BLOCK):
-        o = b * 24
-        d = load_half(row, o)
-        m = load_half(row, o + 2)
-        high = _high_bits(row, o + 4)
-        qs = row[o + 8 : o + 24]
+        o = b * _Q5_1_BYTES
+        d = load_half(row, o + _Q5_1_D)
+        m = load_half(row, o + _Q5_1_M)
+        high = _high_bits(row, o + _Q5_1_QH)
+        qs = row[o + _Q5_1_QS : o + _Q5_1_QS + BLOCK // 2]
         values = out[b * BLOCK : (b + 1) * BLOCK]
         for j in range(16):
             q = np.uint32(qs[j])
@@ -391,9 +406,9 @@ def dequantize_rows_q5_1(raw, row_ids, out):
 @njit(**_OPTIONS)
 def _decode_q8_0(row, out):
     for b in range(out.shape[0] // BLOCK):
-        o = b * 34
-        d = load_half(row, o)
-        qs = row[o + 2 : o + 34]
+        o = b * _Q8_0_BYTES
+        d = load_half(row, o + _Q8_0_D)
+        qs = row[o + _Q8_0_QS : o + _Q8_0_QS + BLOCK]
         values = out[b * BLOCK : (b + 1) * BLOCK]
         for j in range(BLOCK):
             values[j] = np.float32(np.int8(qs[j])) * d
@@ -416,9 +431,9 @@ def dequantize_rows_q8_0(raw, row_ids, out):
 
 
 KERNELS = {
-    GGMLQuantizationType.Q4_0: (matvec_q4_0, matmul_q4_0, dequantize_rows_q4_0),
-    GGMLQuantizationType.Q4_1: (matvec_q4_1, matmul_q4_1, dequantize_rows_q4_1),
-    GGMLQuantizationType.Q5_0: (matvec_q5_0, matmul_q5_0, dequantize_rows_q5_0),
-    GGMLQuantizationType.Q5_1: (matvec_q5_1, matmul_q5_1, dequantize_rows_q5_1),
-    GGMLQuantizationType.Q8_0: (matvec_q8_0, matmul_q8_0, dequantize_rows_q8_0),
+    Q.Q4_0: (matvec_q4_0, matmul_q4_0, dequantize_rows_q4_0),
+    Q.Q4_1: (matvec_q4_1, matmul_q4_1, dequantize_rows_q4_1),
+    Q.Q5_0: (matvec_q5_0, matmul_q5_0, dequantize_rows_q5_0),
+    Q.Q5_1: (matvec_q5_1, matmul_q5_1, dequantize_rows_q5_1),
+    Q.Q8_0: (matvec_q8_0, matmul_q8_0, dequantize_rows_q8_0),
 }

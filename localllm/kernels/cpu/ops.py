@@ -10,11 +10,9 @@ import numba
 import numpy as np
 
 from localllm.errors import KernelError
+from localllm.kernels.cpu.attention import attention
+from localllm.kernels.cpu.checks import FAST_REDUCTION, check_f32, check_finite_float, check_out, check_positions
 from localllm.kernels.cpu.threads import apply_threads
-
-# Only reassociation and contraction: they let LLVM vectorise float reductions, while keeping
-# IEEE infinities and NaNs (masked scores are -inf).
-FAST_REDUCTION = {"reassoc", "contract", "nsz"}
 
 # The parallel ops cast the prange index to int64 when they pass it on: Numba types it int64
 # before parfor conversion and uint64 after, and would compile the per-row function twice.
@@ -23,53 +21,6 @@ FAST_REDUCTION = {"reassoc", "contract", "nsz"}
 # where a thread launch would cost more than the work.
 _ELEMENTWISE_BLOCK = 8192
 _PARALLEL_MIN_ELEMENTS = 32768
-
-POSITION_DTYPES = (np.dtype(np.int32), np.dtype(np.int64))
-
-
-def check_f32(name: str, a, ndim: int | tuple[int, ...]) -> np.ndarray:
-    """Return `a` if it is a C-contiguous float32 array of rank `ndim`, else raise KernelError."""
-    if not isinstance(a, np.ndarray):
-        raise KernelError(f"{name} must be a numpy array, got {type(a).__name__}")
-    ranks = (ndim,) if isinstance(ndim, int) else ndim
-    if a.ndim not in ranks:
-        wanted = " or ".join(f"{r}-D" for r in ranks)
-        raise KernelError(f"{name} must be {wanted}, got shape {a.shape}")
-    if a.dtype != np.float32:
-        raise KernelError(f"{name} must be float32, got {a.dtype}")
-    if not a.flags.c_contiguous:
-        raise KernelError(f"{name} must be C-contiguous (use np.ascontiguousarray)")
-    return a
-
-
-def check_positions(name: str, positions, length: int) -> np.ndarray:
-    if not isinstance(positions, np.ndarray):
-        raise KernelError(f"{name} must be a numpy array, got {type(positions).__name__}")
-    if positions.dtype not in POSITION_DTYPES:
-        raise KernelError(f"{name} must be int32 or int64, got {positions.dtype}")
-    if positions.ndim != 1 or positions.shape[0] != length:
-        raise KernelError(f"{name} must have shape ({length},), got {positions.shape}")
-    return np.ascontiguousarray(positions)
-
-
-def check_out(out, shape: tuple[int, ...]) -> np.ndarray:
-    """Return a fresh float32 array of `shape`, or `out` after checking it fits."""
-    if out is None:
-        return np.empty(shape, dtype=np.float32)
-    check_f32("out", out, len(shape))
-    if out.shape != shape:
-        raise KernelError(f"out must have shape {shape}, got {out.shape}")
-    return out
-
-
-def check_finite_float(name: str, value) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
-        raise KernelError(f"{name} must be a number, got {value!r}")
-    value = float(value)
-    if not np.isfinite(value):
-        raise KernelError(f"{name} must be finite, got {value}")
-    return value
-
 
 # --- RMS norm ---------------------------------------------------------------------------------
 
@@ -339,8 +290,6 @@ def warm_up_ops() -> None:
 
     Tiny inputs, but sized to reach both the serial and the parallel variant of each op.
     """
-    from localllm.kernels.cpu.attention import attention
-
     rng = np.random.default_rng(0)
     big_rows = _PARALLEL_MIN_ELEMENTS // 64 + 1
     for rows in (1, big_rows):

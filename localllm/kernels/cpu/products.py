@@ -16,6 +16,9 @@ integer.py adds, for every block format, one kernel for both products,
 ``products(raw, X, out)``, which rounds X to 8-bit codes and multiplies those; used when
 activations are rounded and the CPU has AVX2.
 
+Which module serves which format is the `cpu_kernels` entry of localllm.formats.quants.LAYOUTS;
+the tables below are built from it.
+
 Kernels assume validated inputs. This module validates everything first (dtypes, contiguity,
 row_bytes == cols / block_size * type_size, lengths, id ranges, out shapes) and raises
 KernelError naming the problem before any kernel touches memory.
@@ -24,17 +27,30 @@ KernelError naming the problem before any kernel touches memory.
 from __future__ import annotations
 
 import numpy as np
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+from gguf import GGMLQuantizationType
 
 from localllm.errors import KernelError
+from localllm.formats.quants import LAYOUTS, CpuKernels, served_by
 from localllm.kernels.cpu import floats, integer, kquants, legacy
 from localllm.kernels.cpu.activations import quantize_activations
 from localllm.kernels.cpu.threads import apply_threads
 
-KERNELS = {**floats.KERNELS, **legacy.KERNELS, **kquants.KERNELS}
+_MODULES = {CpuKernels.FLOATS: floats, CpuKernels.LEGACY: legacy, CpuKernels.KQUANTS: kquants}
+
+
+def _served(kernels: CpuKernels, module) -> dict:
+    """The module's kernels for the formats LAYOUTS names it for; it must serve no other."""
+    formats = served_by(kernels)
+    if set(module.KERNELS) != set(formats):
+        served = sorted(qtype.name for qtype in module.KERNELS)
+        raise AssertionError(f"{module.__name__} serves {served}, LAYOUTS says {[q.name for q in formats]}")
+    return {qtype: module.KERNELS[qtype] for qtype in formats}
+
+
+KERNELS = {qtype: kernels for name, module in _MODULES.items() for qtype, kernels in _served(name, module).items()}
 # Products on integer activation codes (integer.py), where the machine has them: what llama.cpp
 # computes, exactly per block, and faster than the float kernels.
-INTEGER_PRODUCTS = integer.KERNELS if integer.AVAILABLE else {}
+INTEGER_PRODUCTS = _served(CpuKernels.INTEGER, integer) if integer.AVAILABLE else {}
 
 MAX_MATMUL_ROWS = 512
 
@@ -78,7 +94,7 @@ def _check_weight(weight) -> tuple[np.ndarray, GGMLQuantizationType, int, int]:
         raise KernelError(f"{name}: raw data must be a 2-D uint8 array")
     if not raw.flags.c_contiguous:
         raise KernelError(f"{name}: raw data must be C-contiguous")
-    block_size, type_size = GGML_QUANT_SIZES[qtype]
+    block_size, type_size = LAYOUTS[qtype].block_size, LAYOUTS[qtype].type_size
     if cols <= 0 or cols % block_size:
         raise KernelError(
             f"{name}: {cols} columns is not a positive multiple of the {_type_name(qtype)} block size {block_size}"

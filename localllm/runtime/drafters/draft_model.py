@@ -123,11 +123,11 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
 
 
 def load_draft_model(path, target_model, target_tokenizer, quantize_activations: bool = True):
-    """(open GGUF file, model) of the draft at `path`, refused unless its vocabulary is the
-    target's (IncompatibleDraftError)."""
+    """(open GGUF file, model) of the draft at `path`, on the target's device, refused unless
+    its vocabulary is the target's (IncompatibleDraftError)."""
     gguf = open_gguf(path)
     try:
-        model = load_model(gguf, path)
+        model = load_model(gguf, path, target_model.device)
         check_compatible(target_tokenizer, Tokenizer.from_gguf(gguf), target_model.n_vocab, model.n_vocab, path.name)
         model.quantize_activations = quantize_activations
     except BaseException:

@@ -12,6 +12,7 @@ from functools import cache
 
 from localllm.errors import GGUFError, ModelError
 from localllm.runtime.cache import CacheLayout
+from localllm.runtime.device import CPU, Device
 from localllm.runtime.models.base import DEFAULT_MAX_ROLLBACK, PREFILL_BLOCK, Model, read_hparams, source_name
 
 __all__ = ["Model", "architectures", "cache_layout", "kv_bytes_per_token", "load_model"]
@@ -50,8 +51,9 @@ def kv_bytes_per_token(metadata: dict, kv_dtype: str = "f16") -> int:
     return cache_layout(metadata).bytes_per_token(kv_dtype)
 
 
-def load_model(gguf_file, path=None) -> Model:
-    """Build the model for an open GGUF file; weights stay in its memory map."""
+def load_model(gguf_file, path=None, device: Device = CPU) -> Model:
+    """Build the model for an open GGUF file, to run on `device` (localllm.runtime.device); on
+    the CPU its weights stay in the file's memory map."""
     source = source_name(path if path is not None else getattr(gguf_file, "path", None))
     arch = gguf_file.metadata.get("general.architecture")
     if not isinstance(arch, str):
@@ -64,4 +66,4 @@ def load_model(gguf_file, path=None) -> Model:
         embedding = gguf_file.tensor("token_embd.weight")
     except (GGUFError, KeyError):
         raise ModelError(f"missing tensor token_embd.weight in {source}") from None
-    return model_class(gguf_file, source, n_vocab=int(embedding.shape[0]))
+    return model_class(gguf_file, source, n_vocab=int(embedding.shape[0]), device=device)

@@ -1,7 +1,10 @@
 """Hyperparameters and weight loading shared by the architectures.
 
 Everything a forward pass needs comes from the GGUF file itself: hyperparameters from its
-metadata, weights as quantized tensors that stay in the memory map.
+metadata, weights as quantized tensors that stay in the memory map (on the CPU) or are copied
+once to the GPU. A model computes with the kernels module of its device (`self.kernels`) and
+the device's few array operations (`self.device`, localllm/runtime/device.py), so the
+architecture files serve both devices unchanged.
 """
 
 from __future__ import annotations
@@ -14,8 +17,8 @@ from pathlib import Path
 import numpy as np
 
 from localllm.errors import CancelledError, GGUFError, ModelError
-from localllm.kernels import cpu as kernels
 from localllm.runtime.cache import CacheLayout, CacheSpec, KVCache, new_cache
+from localllm.runtime.device import CPU, Device
 
 # Prompts are processed in blocks of this many tokens: big enough that matmul amortises
 # reading each weight, small enough that the activations of a block stay modest.
@@ -99,11 +102,13 @@ def _rope_freq_scale(metadata: dict, arch: str, source: str) -> float:
 
 
 class Weights:
-    """Looks tensors up by name, turning a missing or misshapen one into a ModelError."""
+    """Looks tensors up by name, turning a missing or misshapen one into a ModelError; hands
+    them out for `device`."""
 
-    def __init__(self, gguf_file, source: str):
+    def __init__(self, gguf_file, source: str, device: Device = CPU):
         self._gguf = gguf_file
         self.source = source
+        self.device = device
 
     def has(self, name: str) -> bool:
         return name in self._gguf.tensors
@@ -113,14 +118,14 @@ class Weights:
         tensor = self._get(name)
         if tuple(tensor.shape) != (rows, cols):
             raise ModelError(f"tensor {name} in {self.source} has shape {tuple(tensor.shape)}, expected {(rows, cols)}")
-        return kernels.CheckedWeight(tensor)
+        return self.device.kernels.CheckedWeight(tensor)
 
     def vector(self, name: str, size: int) -> np.ndarray:
-        """A small float32 vector (norm weight, bias), dequantized once."""
+        """A small float32 vector (norm weight, bias), dequantized once, as an array of the device."""
         tensor = self._get(name)
         if tuple(tensor.shape) != (size,):
             raise ModelError(f"tensor {name} in {self.source} has shape {tuple(tensor.shape)}, expected {(size,)}")
-        return np.ascontiguousarray(tensor.dequantize(), dtype=np.float32)
+        return self.device.asarray(np.ascontiguousarray(tensor.dequantize(), dtype=np.float32))
 
     def _get(self, name: str):
         try:
@@ -140,6 +145,8 @@ class Model(ABC):
     def __init__(self, gguf_file, hparams: HParams, weights: Weights):
         self.gguf = gguf_file
         self.hparams = hparams
+        self.device = weights.device
+        self.kernels = weights.device.kernels
         hp = hparams
         self.token_embd = weights.matrix("token_embd.weight", hp.n_vocab, hp.n_embd)
         self.output_norm = weights.vector("output_norm.weight", hp.n_embd)
@@ -183,16 +190,16 @@ class Model(ABC):
         `truncate` back by max_rollback."""
         if not isinstance(spec, CacheSpec):
             spec = CacheSpec(n_ctx=spec)
-        return new_cache(self.cache_layout(max_rollback), spec)
+        return new_cache(self.cache_layout(max_rollback), spec, self.device)
 
     def forward(self, tokens, cache: KVCache, all_logits: bool = False, cancel=None, progress=None) -> np.ndarray:
         """Run `tokens` at the cache's next positions and append them to the cache.
 
-        Returns float32 logits of shape (len(tokens), n_vocab) when all_logits, else the
-        logits of the last token, shape (n_vocab,). Long inputs run in blocks: `cancel` (a
-        threading.Event) is checked before each block after the first, raising CancelledError
-        with the blocks done so far left in the cache, and `progress(done, total)` is called
-        after each block with the tokens done.
+        Returns float32 logits (numpy, on either device) of shape (len(tokens), n_vocab) when
+        all_logits, else the logits of the last token, shape (n_vocab,). Long inputs run in
+        blocks: `cancel` (a threading.Event) is checked before each block after the first,
+        raising CancelledError with the blocks done so far left in the cache, and
+        `progress(done, total)` is called after each block with the tokens done.
         """
         ids = np.asarray(tokens, dtype=np.int64).reshape(-1)
         if ids.size == 0:
@@ -211,14 +218,14 @@ class Model(ABC):
             if progress is not None:
                 progress(start + block.size, ids.size)
             if all_logits:
-                outputs.append(self._head(hidden))
+                outputs.append(self.device.numpy(self._head(hidden)))
             elif is_last:
-                outputs.append(self._head(hidden[-1:])[0])
+                outputs.append(self.device.numpy(self._head(hidden[-1:])[0]))
         return np.concatenate(outputs) if all_logits else outputs[0]
 
     def _run_block(self, ids: np.ndarray, cache: KVCache) -> np.ndarray:
-        positions = cache.append(ids.size)
-        x = kernels.embed(self.token_embd, ids)
+        positions = self.device.asarray(cache.append(ids.size))
+        x = self.kernels.embed(self.token_embd, self.device.asarray(ids))
         if self.embedding_scale != 1.0:
             x *= np.float32(self.embedding_scale)
         for i in range(self.hparams.n_layer):
@@ -226,19 +233,19 @@ class Model(ABC):
         return x
 
     def _head(self, hidden: np.ndarray) -> np.ndarray:
-        normed = kernels.rms_norm(hidden, self.output_norm, self.hparams.rms_eps)
+        normed = self.kernels.rms_norm(hidden, self.output_norm, self.hparams.rms_eps)
         return self.linear(self.output, normed)
 
     def attend(self, i: int, q, k, v, positions, cache: KVCache, rotate) -> np.ndarray:
         """Rotate q and k (`rotate(x, positions)` applies the layer's RoPE in place), store k
         and v in the cache and attend over layer i's entries; returns (n, n_head, head_dim_v)."""
         sink_positions = cache.sink_query_positions(i)
-        q_sink = rotate(q.copy(), sink_positions) if sink_positions is not None else None
+        q_sink = rotate(self.device.clone(q), sink_positions) if sink_positions is not None else None
         rotate(q, positions)
         rotate(k, positions)
         cache.write(i, k, v)
         view = cache.view(i)
-        return kernels.attention(
+        return self.kernels.attention(
             q,
             view.keys,
             view.values,
@@ -253,8 +260,8 @@ class Model(ABC):
     def linear(self, weight, x: np.ndarray) -> np.ndarray:
         """x (n, cols) times weight transposed: matvec for a single row, matmul for a block."""
         if x.shape[0] == 1:
-            return kernels.matvec(weight, x[0], quantize=self.quantize_activations)[None, :]
-        return kernels.matmul(weight, x, quantize=self.quantize_activations)
+            return self.kernels.matvec(weight, x[0], quantize=self.quantize_activations)[None, :]
+        return self.kernels.matmul(weight, x, quantize=self.quantize_activations)
 
     @abstractmethod
     def _layer(self, i: int, x: np.ndarray, positions: np.ndarray, cache: KVCache) -> None:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from localllm.kernels import cpu as kernels
+from localllm.runtime.device import CPU, Device
 from localllm.runtime.models.base import Model, Weights, attention_scale, read_hparams
 
 
@@ -43,9 +43,9 @@ class BitnetLayer:
 
 
 class BitnetModel(Model):
-    def __init__(self, gguf_file, source: str, n_vocab: int):
+    def __init__(self, gguf_file, source: str, n_vocab: int, device: Device = CPU):
         hp = read_hparams(gguf_file.metadata, source, n_vocab)
-        weights = Weights(gguf_file, source)
+        weights = Weights(gguf_file, source, device)
         super().__init__(gguf_file, hp, weights)
         self.scale = attention_scale(hp.head_dim_k)
         q_dim, kv_dim = hp.n_head * hp.head_dim_k, hp.n_head_kv * hp.head_dim_k
@@ -77,7 +77,9 @@ class BitnetModel(Model):
 
     def _rotate(self, x, positions):
         hp = self.hparams
-        return kernels.rope(x, positions, n_rot=hp.n_rot, base=hp.rope_base, freq_scale=hp.rope_freq_scale, neox=True)
+        return self.kernels.rope(
+            x, positions, n_rot=hp.n_rot, base=hp.rope_base, freq_scale=hp.rope_freq_scale, neox=True
+        )
 
     def _scaled(self, projection: ScaledWeight, x: np.ndarray) -> np.ndarray:
         out = self.linear(projection.weight, x)
@@ -89,16 +91,16 @@ class BitnetModel(Model):
         hp, layer = self.hparams, self.layers[i]
         n = x.shape[0]
 
-        h = kernels.rms_norm(x, layer.attn_norm, hp.rms_eps)
+        h = self.kernels.rms_norm(x, layer.attn_norm, hp.rms_eps)
         q = self._scaled(layer.wq, h).reshape(n, hp.n_head, hp.head_dim_k)
         k = self._scaled(layer.wk, h).reshape(n, hp.n_head_kv, hp.head_dim_k)
         v = self._scaled(layer.wv, h).reshape(n, hp.n_head_kv, hp.head_dim_v)
         attn = self.attend(i, q, k, v, positions, cache, self._rotate).reshape(n, hp.n_head * hp.head_dim_v)
-        x += self._scaled(layer.wo, kernels.rms_norm(attn, layer.attn_sub_norm, hp.rms_eps))
+        x += self._scaled(layer.wo, self.kernels.rms_norm(attn, layer.attn_sub_norm, hp.rms_eps))
 
-        h = kernels.rms_norm(x, layer.ffn_norm, hp.rms_eps)
-        hidden = kernels.swiglu(self._scaled(layer.gate, h), self._scaled(layer.up, h))
-        x += self._scaled(layer.down, kernels.rms_norm(hidden, layer.ffn_sub_norm, hp.rms_eps))
+        h = self.kernels.rms_norm(x, layer.ffn_norm, hp.rms_eps)
+        hidden = self.kernels.swiglu(self._scaled(layer.gate, h), self._scaled(layer.up, h))
+        x += self._scaled(layer.down, self.kernels.rms_norm(hidden, layer.ffn_sub_norm, hp.rms_eps))
 
 
 ARCHITECTURES = {"bitnet": BitnetModel}

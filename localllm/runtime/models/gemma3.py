@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from localllm.errors import ModelError
-from localllm.kernels import cpu as kernels
+from localllm.runtime.device import CPU, Device
 from localllm.runtime.models.base import Model, Weights, read_hparams
 
 SLIDING_PATTERN = 6
@@ -43,9 +43,9 @@ class Gemma3Layer:
 
 
 class Gemma3Model(Model):
-    def __init__(self, gguf_file, source: str, n_vocab: int):
+    def __init__(self, gguf_file, source: str, n_vocab: int, device: Device = CPU):
         hp = read_hparams(gguf_file.metadata, source, n_vocab)
-        weights = Weights(gguf_file, source)
+        weights = Weights(gguf_file, source, device)
         super().__init__(gguf_file, hp, weights)
         self.embedding_scale = math.sqrt(hp.n_embd)
         self.windows = self.windows_for(gguf_file.metadata, hp.n_layer, source)
@@ -87,30 +87,32 @@ class Gemma3Model(Model):
         return list(self.windows)
 
     def _rotate_local(self, x, positions):
-        return kernels.rope(x, positions, n_rot=self.hparams.n_rot, base=LOCAL_ROPE_BASE, neox=True)
+        return self.kernels.rope(x, positions, n_rot=self.hparams.n_rot, base=LOCAL_ROPE_BASE, neox=True)
 
     def _rotate_global(self, x, positions):
         hp = self.hparams
-        return kernels.rope(x, positions, n_rot=hp.n_rot, base=hp.rope_base, freq_scale=hp.rope_freq_scale, neox=True)
+        return self.kernels.rope(
+            x, positions, n_rot=hp.n_rot, base=hp.rope_base, freq_scale=hp.rope_freq_scale, neox=True
+        )
 
     def _layer(self, i, x, positions, cache):
         hp, layer = self.hparams, self.layers[i]
         n = x.shape[0]
         rotate = self._rotate_local if self.windows[i] else self._rotate_global
 
-        h = kernels.rms_norm(x, layer.attn_norm, hp.rms_eps)
+        h = self.kernels.rms_norm(x, layer.attn_norm, hp.rms_eps)
         q = self.linear(layer.wq, h).reshape(n, hp.n_head, hp.head_dim_k)
         k = self.linear(layer.wk, h).reshape(n, hp.n_head_kv, hp.head_dim_k)
         v = self.linear(layer.wv, h).reshape(n, hp.n_head_kv, hp.head_dim_v)
-        q = kernels.rms_norm(q, layer.q_norm, hp.rms_eps)
-        k = kernels.rms_norm(k, layer.k_norm, hp.rms_eps)
+        q = self.kernels.rms_norm(q, layer.q_norm, hp.rms_eps)
+        k = self.kernels.rms_norm(k, layer.k_norm, hp.rms_eps)
         attn = self.attend(i, q, k, v, positions, cache, rotate)
         attn_out = self.linear(layer.wo, attn.reshape(n, hp.n_head * hp.head_dim_v))
-        x += kernels.rms_norm(attn_out, layer.post_attn_norm, hp.rms_eps)
+        x += self.kernels.rms_norm(attn_out, layer.post_attn_norm, hp.rms_eps)
 
-        h = kernels.rms_norm(x, layer.ffn_norm, hp.rms_eps)
-        ffn_out = self.linear(layer.down, kernels.geglu(self.linear(layer.gate, h), self.linear(layer.up, h)))
-        x += kernels.rms_norm(ffn_out, layer.post_ffn_norm, hp.rms_eps)
+        h = self.kernels.rms_norm(x, layer.ffn_norm, hp.rms_eps)
+        ffn_out = self.linear(layer.down, self.kernels.geglu(self.linear(layer.gate, h), self.linear(layer.up, h)))
+        x += self.kernels.rms_norm(ffn_out, layer.post_ffn_norm, hp.rms_eps)
 
 
 ARCHITECTURES = {"gemma3": Gemma3Model}

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from localllm.kernels import cpu as kernels
+from localllm.runtime.device import CPU, Device
 from localllm.runtime.models.base import Model, Weights, attention_scale, read_hparams
 
 
@@ -35,9 +35,9 @@ class LlamaModel(Model):
     # RoPE applies; Qwen2 keeps the Hugging Face layout, which rotates the two halves (NeoX).
     NEOX_ROPE = {"llama": False, "qwen2": True}
 
-    def __init__(self, gguf_file, source: str, n_vocab: int):
+    def __init__(self, gguf_file, source: str, n_vocab: int, device: Device = CPU):
         hp = read_hparams(gguf_file.metadata, source, n_vocab)
-        weights = Weights(gguf_file, source)
+        weights = Weights(gguf_file, source, device)
         super().__init__(gguf_file, hp, weights)
         self.neox = self.NEOX_ROPE[hp.arch]
         self.scale = attention_scale(hp.head_dim_k)
@@ -69,7 +69,7 @@ class LlamaModel(Model):
 
     def _rotate(self, x, positions):
         hp = self.hparams
-        return kernels.rope(
+        return self.kernels.rope(
             x, positions, n_rot=hp.n_rot, base=hp.rope_base, freq_scale=hp.rope_freq_scale, neox=self.neox
         )
 
@@ -77,7 +77,7 @@ class LlamaModel(Model):
         hp, layer = self.hparams, self.layers[i]
         n = x.shape[0]
 
-        h = kernels.rms_norm(x, layer.attn_norm, hp.rms_eps)
+        h = self.kernels.rms_norm(x, layer.attn_norm, hp.rms_eps)
         q = self.linear(layer.wq, h)
         k = self.linear(layer.wk, h)
         v = self.linear(layer.wv, h)
@@ -90,8 +90,8 @@ class LlamaModel(Model):
         attn = self.attend(i, q, k, v, positions, cache, self._rotate)
         x += self.linear(layer.wo, attn.reshape(n, hp.n_head * hp.head_dim_v))
 
-        h = kernels.rms_norm(x, layer.ffn_norm, hp.rms_eps)
-        x += self.linear(layer.down, kernels.swiglu(self.linear(layer.gate, h), self.linear(layer.up, h)))
+        h = self.kernels.rms_norm(x, layer.ffn_norm, hp.rms_eps)
+        x += self.linear(layer.down, self.kernels.swiglu(self.linear(layer.gate, h), self.linear(layer.up, h)))
 
 
 ARCHITECTURES = {"llama": LlamaModel, "qwen2": LlamaModel}
