@@ -67,6 +67,27 @@ def test_tiny_model_on_the_gpu_matches_the_cpu(tmp_path, cuda):
     np.testing.assert_allclose(logits["cuda"], logits["cpu"], rtol=1e-4, atol=1e-4)
 
 
+def test_the_sink_policy_on_the_gpu_matches_the_cpu_past_evictions(tmp_path, cuda):
+    """Sinks 2 + window 4: from the seventh token on, entries are evicted and the sinks are
+    scored with in-cache query positions, on the device as on the CPU."""
+    path = write_tiny_llama(tmp_path / "tiny.gguf")
+    from localllm.formats.gguf import open_gguf
+    from localllm.runtime.models import load_model
+
+    ids = [1, 5, 2, 9, 3, 7, 4, 11, 6, 2, 8, 1]
+    logits = {}
+    for device in (CPU, cuda):
+        with open_gguf(path) as gguf:
+            model = load_model(gguf, path, device)
+            model.quantize_activations = False
+            cache = model.new_cache(CacheSpec(policy="sink", sinks=2, window=4, kv_dtype="f16"))
+            rows = [model.forward(ids[:3], cache, all_logits=True)]
+            rows += [model.forward([token], cache, all_logits=True) for token in ids[3:]]
+            assert cache.evicted == len(ids) - 6
+            logits[device.name] = np.vstack(rows)
+    np.testing.assert_allclose(logits["cuda"], logits["cpu"], rtol=1e-3, atol=1e-3)
+
+
 def smollm2_logits(path, prompt, steps, **options) -> np.ndarray:
     """Logits of every prompt token, then of each decode step feeding `steps` one at a time."""
     with LLM(path, n_ctx=16, **options) as llm:
