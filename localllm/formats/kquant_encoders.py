@@ -40,10 +40,13 @@ scope. float16 conversion is IEEE round-to-nearest-even in both.
 from __future__ import annotations
 
 import numpy as np
+from gguf import GGMLQuantizationType
 
-QK_K = 256
-Q4_K_BYTES = 144
-Q6_K_BYTES = 210
+from localllm.formats.quants import LAYOUTS, BlockLayout
+
+Q4_K = LAYOUTS[GGMLQuantizationType.Q4_K]
+Q6_K = LAYOUTS[GGMLQuantizationType.Q6_K]
+QK_K = Q4_K.block_size
 # GROUP_MAX_EPS in ggml-quants.c: a sub-block (Q6_K) whose largest magnitude is below it is zero.
 _GROUP_MAX_EPS = np.float32(1e-15)
 # 1.5 * 2**23: adding it leaves round-to-nearest-even(v) in the low mantissa bits.
@@ -72,32 +75,37 @@ def _f16_bytes(values: np.ndarray) -> np.ndarray:
     return values.astype("<f2").view(np.uint8).reshape(*values.shape, 2)
 
 
-def _rows_of_blocks(values: np.ndarray, bytes_per_block: int) -> tuple[np.ndarray, np.ndarray]:
+def _fields(out: np.ndarray, layout: BlockLayout, **values: np.ndarray) -> np.ndarray:
+    """Write each named field of `layout` into the blocks `out` (one row each); returns out."""
+    for name, value in values.items():
+        field = layout.field(name)
+        out[:, field.offset : field.offset + field.size] = value
+    return out
+
+
+def _encode(values: np.ndarray, layout: BlockLayout, encode_blocks) -> np.ndarray:
+    """float32 rows (last axis a multiple of 256) -> their bytes, `encode_blocks` (super-blocks of
+    256 values -> blocks of `layout`) a chunk at a time."""
     values = np.ascontiguousarray(values, dtype=np.float32)
     if values.shape[-1] % QK_K:
         raise ValueError(f"rows of {values.shape[-1]} values are not a multiple of {QK_K}")
-    out_shape = (*values.shape[:-1], values.shape[-1] // QK_K * bytes_per_block)
-    return values.reshape(-1, QK_K), np.empty(out_shape, dtype=np.uint8)
+    blocks = values.reshape(-1, QK_K)
+    out = np.empty((*values.shape[:-1], values.shape[-1] // QK_K * layout.type_size), dtype=np.uint8)
+    flat = out.reshape(-1, layout.type_size)
+    with np.errstate(all="ignore"):
+        for start in range(0, len(blocks), _CHUNK_BLOCKS):
+            flat[start : start + _CHUNK_BLOCKS] = encode_blocks(blocks[start : start + _CHUNK_BLOCKS])
+    return out
 
 
 def quantize_q4_k(values: np.ndarray) -> np.ndarray:
     """float32 rows (last axis a multiple of 256) -> their Q4_K bytes, 144 per 256 values."""
-    blocks, out = _rows_of_blocks(values, Q4_K_BYTES)
-    flat = out.reshape(-1, Q4_K_BYTES)
-    with np.errstate(all="ignore"):
-        for start in range(0, len(blocks), _CHUNK_BLOCKS):
-            flat[start : start + _CHUNK_BLOCKS] = _q4_k_blocks(blocks[start : start + _CHUNK_BLOCKS])
-    return out
+    return _encode(values, Q4_K, _q4_k_blocks)
 
 
 def quantize_q6_k(values: np.ndarray) -> np.ndarray:
     """float32 rows (last axis a multiple of 256) -> their Q6_K bytes, 210 per 256 values."""
-    blocks, out = _rows_of_blocks(values, Q6_K_BYTES)
-    flat = out.reshape(-1, Q6_K_BYTES)
-    with np.errstate(all="ignore"):
-        for start in range(0, len(blocks), _CHUNK_BLOCKS):
-            flat[start : start + _CHUNK_BLOCKS] = _q6_k_blocks(blocks[start : start + _CHUNK_BLOCKS])
-    return out
+    return _encode(values, Q6_K, _q6_k_blocks)
 
 
 def _codes(v: np.ndarray, lowest: int, highest: int, in_range: bool) -> np.ndarray:
@@ -219,12 +227,9 @@ def _q4_k_blocks(x: np.ndarray) -> np.ndarray:
     levels = np.where((step != 0)[..., None], requantized, levels).astype(np.uint8)
 
     pairs = levels.reshape(n, 4, 2, 32)
-    out = np.empty((n, Q4_K_BYTES), dtype=np.uint8)
-    out[:, 0:2] = _f16_bytes(d)
-    out[:, 2:4] = _f16_bytes(dmin)
-    out[:, 4:16] = packed
-    out[:, 16:] = (pairs[:, :, 0] | pairs[:, :, 1] << 4).reshape(n, 128)
-    return out
+    out = np.empty((n, Q4_K.type_size), dtype=np.uint8)
+    qs = (pairs[:, :, 0] | pairs[:, :, 1] << 4).reshape(n, 128)
+    return _fields(out, Q4_K, d=_f16_bytes(d), dmin=_f16_bytes(dmin), scales=packed, qs=qs)
 
 
 def _make_qx_quants(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -297,10 +302,7 @@ def _q6_k_blocks(x: np.ndarray) -> np.ndarray:
     ql = np.concatenate([low[:, :, 0] | low[:, :, 2] << 4, low[:, :, 1] | low[:, :, 3] << 4], axis=2)
     high = quads >> 4
     qh = high[:, :, 0] | high[:, :, 1] << 2 | high[:, :, 2] << 4 | high[:, :, 3] << 6
-    out = np.empty((n, Q6_K_BYTES), dtype=np.uint8)
-    out[:, :128] = ql.reshape(n, 128)
-    out[:, 128:192] = qh.reshape(n, 64)
-    out[:, 192:208] = sc.view(np.uint8)
-    out[:, 208:] = _f16_bytes(d)
+    out = np.empty((n, Q6_K.type_size), dtype=np.uint8)
+    _fields(out, Q6_K, ql=ql.reshape(n, 128), qh=qh.reshape(n, 64), scales=sc.view(np.uint8), d=_f16_bytes(d))
     out[max_abs < _GROUP_MAX_EPS] = 0
     return out

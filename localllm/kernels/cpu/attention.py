@@ -44,7 +44,8 @@ import numba
 import numpy as np
 
 from localllm.errors import KernelError
-from localllm.kernels.cpu.checks import FAST_REDUCTION, check_f32, check_finite_float, check_out, check_positions
+from localllm.kernels.arguments import check_attention_arguments
+from localllm.kernels.cpu.checks import FAST_REDUCTION, check_f32, check_out, check_positions
 from localllm.kernels.cpu.floats import stored_to_float
 from localllm.kernels.cpu.threads import apply_threads, get_threads
 
@@ -468,22 +469,12 @@ def attention(
     k = _check_store("k", k)
     v = _check_store("v", v)
     n, n_heads, head_dim = q.shape
-    n_keys, n_kv_heads, key_dim = k.shape
-    if v.shape != k.shape:
-        raise KernelError(f"k and v must have the same shape, got {k.shape} and {v.shape}")
-    if key_dim != head_dim:
-        raise KernelError(f"q head_dim is {head_dim} but k/v head_dim is {key_dim}")
-    if n_kv_heads == 0 or n_heads % n_kv_heads:
-        raise KernelError(f"query heads ({n_heads}) must be a multiple of kv heads ({n_kv_heads})")
+    n_keys, n_kv_heads, _ = k.shape
+    scale, window, n_sink = check_attention_arguments(q.shape, k.shape, v.shape, scale, window, n_sink)
     q_pos = check_positions("q_pos", q_pos, n)
     k_pos = check_positions("k_pos", k_pos, n_keys)
     if q_pos.dtype != k_pos.dtype:
         q_pos, k_pos = q_pos.astype(np.int64), k_pos.astype(np.int64)
-    scale = check_finite_float("scale", scale)
-    if isinstance(window, bool) or not isinstance(window, (int, np.integer)) or window < 0:
-        raise KernelError(f"window must be an int >= 0 (0 = no window), got {window!r}")
-    if isinstance(n_sink, bool) or not isinstance(n_sink, (int, np.integer)) or not 0 <= n_sink <= n_keys:
-        raise KernelError(f"n_sink must be an int in [0, {n_keys}], got {n_sink!r}")
     if q_sink is None:
         if n_sink:
             raise KernelError("n_sink > 0 needs q_sink")
@@ -503,7 +494,7 @@ def attention(
     group = n_heads // n_kv_heads
     queries_per_block = max(1, _ROWS_PER_BLOCK // group)
     n_blocks = math.ceil(n / queries_per_block)
-    order, chunks, runs = _key_layout(k_pos, int(n_sink))
+    order, chunks, runs = _key_layout(k_pos, n_sink)
     n_runs = len(runs) - 1
     # Runs get tasks of their own when (query block, kv head) tasks alone cannot keep every
     # thread busy: decode has just one per kv head. Either way gives the same bits.
@@ -521,8 +512,8 @@ def attention(
         q_pos,
         k_pos,
         np.float32(scale),
-        int(window),
-        int(n_sink),
+        window,
+        n_sink,
         queries_per_block,
         split,
         order,

@@ -45,12 +45,3 @@ def check_out(out, shape: tuple[int, ...]) -> np.ndarray:
     if out.shape != shape:
         raise KernelError(f"out must have shape {shape}, got {out.shape}")
     return out
-
-
-def check_finite_float(name: str, value) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
-        raise KernelError(f"{name} must be a number, got {value!r}")
-    value = float(value)
-    if not np.isfinite(value):
-        raise KernelError(f"{name} must be finite, got {value}")
-    return value

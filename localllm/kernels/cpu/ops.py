@@ -10,8 +10,9 @@ import numba
 import numpy as np
 
 from localllm.errors import KernelError
+from localllm.kernels.arguments import check_finite_float, check_rope_arguments
 from localllm.kernels.cpu.attention import attention
-from localllm.kernels.cpu.checks import FAST_REDUCTION, check_f32, check_finite_float, check_out, check_positions
+from localllm.kernels.cpu.checks import FAST_REDUCTION, check_f32, check_out, check_positions
 from localllm.kernels.cpu.threads import apply_threads
 
 # The parallel ops cast the prange index to int64 when they pass it on: Numba types it int64
@@ -149,15 +150,8 @@ def rope(
     check_f32("x", x, 3)
     n, _, head_dim = x.shape
     positions = check_positions("positions", positions, n)
-    if isinstance(n_rot, bool) or not isinstance(n_rot, (int, np.integer)):
-        raise KernelError(f"n_rot must be an int, got {n_rot!r}")
-    if n_rot <= 0 or n_rot % 2 or n_rot > head_dim:
-        raise KernelError(f"n_rot must be even and in [2, head_dim={head_dim}], got {n_rot}")
-    base = check_finite_float("base", base)
-    freq_scale = check_finite_float("freq_scale", freq_scale)
-    if base <= 0 or freq_scale <= 0:
-        raise KernelError(f"base and freq_scale must be > 0, got {base} and {freq_scale}")
-    frequencies = _rope_frequencies(int(n_rot), base, freq_scale)
+    n_rot, base, freq_scale = check_rope_arguments(n_rot, head_dim, base, freq_scale)
+    frequencies = _rope_frequencies(n_rot, base, freq_scale)
     if n > 1 and x.size >= _PARALLEL_MIN_ELEMENTS:
         apply_threads()
         _rope_parallel(x, positions, frequencies, bool(neox))

@@ -31,7 +31,8 @@ import triton
 import triton.language as tl
 
 from localllm.errors import KernelError
-from localllm.kernels.gpu.ops import check_finite_float, check_positions
+from localllm.kernels.arguments import check_attention_arguments
+from localllm.kernels.gpu.ops import check_positions
 from localllm.kernels.gpu.products import DOT_PRECISION, cdiv, check_out, check_tensor, next_pow2
 
 KV_DTYPES = (torch.float16, torch.float32)
@@ -209,22 +210,10 @@ def attention(
     if k.dtype != v.dtype:
         raise KernelError(f"k and v must have the same dtype, got {k.dtype} and {v.dtype}")
     n, n_heads, head_dim = q.shape
-    n_keys, n_kv_heads, key_dim = k.shape
-    if v.shape != k.shape:
-        raise KernelError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
-    if key_dim != head_dim:
-        raise KernelError(f"q head_dim is {head_dim} but k/v head_dim is {key_dim}")
-    if n_kv_heads == 0 or n_heads % n_kv_heads:
-        raise KernelError(f"query heads ({n_heads}) must be a multiple of kv heads ({n_kv_heads})")
+    n_keys, n_kv_heads, _ = k.shape
+    scale, window, n_sink = check_attention_arguments(q.shape, k.shape, v.shape, scale, window, n_sink)
     check_positions("q_pos", q_pos, n, device)
     check_positions("k_pos", k_pos, n_keys, device)
-    scale = check_finite_float("scale", scale)
-    if isinstance(window, bool) or not isinstance(window, int) and not hasattr(window, "__index__") or window < 0:
-        raise KernelError(f"window must be an int >= 0 (0 = no window), got {window!r}")
-    if isinstance(n_sink, bool) or not isinstance(n_sink, int) and not hasattr(n_sink, "__index__"):
-        raise KernelError(f"n_sink must be an int in [0, {n_keys}], got {n_sink!r}")
-    if not 0 <= n_sink <= n_keys:
-        raise KernelError(f"n_sink must be an int in [0, {n_keys}], got {n_sink!r}")
     if q_sink is None:
         if n_sink:
             raise KernelError("n_sink > 0 needs q_sink")
@@ -273,8 +262,8 @@ def attention(
         n_kv_heads,
         head_dim,
         scale,
-        int(window),
-        int(n_sink),
+        window,
+        n_sink,
         tiles_per_split * block_s,
         GROUP=group,
         QPB=queries_per_block,

@@ -14,6 +14,7 @@ import triton
 import triton.language as tl
 
 from localllm.errors import KernelError
+from localllm.kernels.arguments import check_finite_float, check_rope_arguments
 from localllm.kernels.gpu.products import cdiv, check_out, check_tensor, next_pow2
 
 POSITION_DTYPES = (torch.int32, torch.int64)
@@ -24,15 +25,6 @@ _ELEMENTWISE_TILE = 1024
 
 _GELU_SQRT_2_OVER_PI = tl.constexpr(math.sqrt(2.0 / math.pi))
 _GELU_CUBIC = tl.constexpr(0.044715)
-
-
-def check_finite_float(name: str, value) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) and not hasattr(value, "__float__"):
-        raise KernelError(f"{name} must be a number, got {value!r}")
-    value = float(value)
-    if not math.isfinite(value):
-        raise KernelError(f"{name} must be finite, got {value}")
-    return value
 
 
 def check_positions(name: str, positions, length: int, device) -> torch.Tensor:
@@ -157,15 +149,7 @@ def rope(
     check_tensor("x", x, 3, None)
     n, n_heads, head_dim = x.shape
     check_positions("positions", positions, n, x.device)
-    if isinstance(n_rot, bool) or not isinstance(n_rot, int) and not hasattr(n_rot, "__index__"):
-        raise KernelError(f"n_rot must be an int, got {n_rot!r}")
-    n_rot = int(n_rot)
-    if n_rot <= 0 or n_rot % 2 or n_rot > head_dim:
-        raise KernelError(f"n_rot must be even and in [2, head_dim={head_dim}], got {n_rot}")
-    base = check_finite_float("base", base)
-    freq_scale = check_finite_float("freq_scale", freq_scale)
-    if base <= 0 or freq_scale <= 0:
-        raise KernelError(f"base and freq_scale must be > 0, got {base} and {freq_scale}")
+    n_rot, base, freq_scale = check_rope_arguments(n_rot, head_dim, base, freq_scale)
     if n == 0 or n_heads == 0:
         return x
     half = n_rot // 2
