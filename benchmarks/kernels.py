@@ -107,6 +107,8 @@ def rounded_product(qtype, n):
     """What products.matvec (n = 1) or matmul runs on 8-bit-rounded activations, rounding
     included: the integer kernel where there is one, else the float kernel."""
     if qtype in INTEGER_PRODUCTS:
+        # The matrices are random bytes, as random in the kernel's layout (integer.pack) as in
+        # the file's: they go in unpacked.
         return INTEGER_PRODUCTS[qtype]
     kernel = KERNELS[qtype][0 if n == 1 else 1]
     if n == 1:

@@ -7,10 +7,10 @@ import sys
 
 import numpy as np
 import pytest
-from gguf import GGML_QUANT_SIZES
+from gguf import GGML_QUANT_SIZES, GGUFWriter
 
 from localllm.formats.gguf import open_gguf
-from localllm.kernels.cpu import KERNELS, integer, matvec
+from localllm.kernels.cpu import KERNELS, CheckedWeight, integer, matmul, matvec
 from localllm.kernels.cpu.activations import activation_codes, quantize_activations
 
 from kernel_helpers import (
@@ -60,7 +60,7 @@ def test_integer_matvec_matches_float64(qtype, blocks_per_row):
     weight = random_weight(qtype, rows=45, blocks_per_row=blocks_per_row * 256 // block, seed=blocks_per_row)
     for seed, x in enumerate(rows_with_edge_cases(weight.shape[1])):
         out = np.full(weight.shape[0], np.nan, dtype=np.float32)
-        integer.KERNELS[qtype](weight.raw, x[None], out[None])
+        integer.KERNELS[qtype](integer.pack(qtype, weight.raw), x[None], out[None])
         want = llama_product(weight, weight.dequantize(), x[None])[0]
         # A row of zero activations (one block of 256) must give exactly zero.
         assert np.linalg.norm(out - want) <= 1e-5 * np.linalg.norm(want), seed
@@ -75,7 +75,7 @@ def test_integer_matmul_matches_float64(qtype):
     for n in (2, 3, 4, 5, 16, 129):
         X = random_activations(n, weight.shape[1], seed=n)
         out = np.full((n, weight.shape[0]), np.nan, dtype=np.float32)
-        integer.KERNELS[qtype](weight.raw, X, out)
+        integer.KERNELS[qtype](integer.pack(qtype, weight.raw), X, out)
         assert relative_error(out, llama_product(weight, dequantized, X)) <= 1e-5, n
 
 
@@ -90,12 +90,12 @@ def test_each_row_of_a_batch_is_bit_identical_to_the_row_alone(qtype):
     X = random_activations(17, weight.shape[1], seed=17)
     alone = np.full((17, weight.shape[0]), np.nan, dtype=np.float32)
     for i in range(17):
-        integer.KERNELS[qtype](weight.raw, X[i : i + 1], alone[i : i + 1])
+        integer.KERNELS[qtype](integer.pack(qtype, weight.raw), X[i : i + 1], alone[i : i + 1])
     assert np.isfinite(alone).all()
     for n in range(1, 18):
         for offset in sorted({0, (17 - n) // 2, 17 - n}):
             out = np.full((n, weight.shape[0]), np.nan, dtype=np.float32)
-            integer.KERNELS[qtype](weight.raw, np.ascontiguousarray(X[offset : offset + n]), out)
+            integer.KERNELS[qtype](integer.pack(qtype, weight.raw), np.ascontiguousarray(X[offset : offset + n]), out)
             np.testing.assert_array_equal(out, alone[offset : offset + n], err_msg=f"n={n} offset={offset}")
 
 
@@ -117,7 +117,7 @@ for name, kernel in integer.KERNELS.items():
     raw = data[f"{name.name}.raw"]
     raw.flags.writeable = False
     out[name.name] = np.empty((X.shape[0], raw.shape[0]), dtype=np.float32)
-    kernel(raw, X, out[name.name])
+    kernel(integer.pack(name, raw), X, out[name.name])
 np.savez(sys.argv[2], **out)
 """
 
@@ -149,7 +149,7 @@ def test_vnni_kernels_equal_the_avx2_kernels_bit_for_bit(tmp_path):
         for rows in (slice(0, 9), slice(4, 5)):
             X = np.ascontiguousarray(data["X"][rows, : data[f"{qtype.name}.cols"][0]])
             vnni = np.empty((X.shape[0], raw.shape[0]), dtype=np.float32)
-            integer.KERNELS[qtype](raw, X, vnni)
+            integer.KERNELS[qtype](integer.pack(qtype, raw), X, vnni)
             np.testing.assert_array_equal(vnni, avx2[qtype.name][rows], err_msg=qtype.name)
 
 
@@ -164,7 +164,7 @@ def test_rows_of_any_number_of_32_value_blocks(qtype, blocks_per_row):
     for n in (1, 5):
         X = random_activations(n, weight.shape[1], seed=n)
         out = np.full((n, weight.shape[0]), np.nan, dtype=np.float32)
-        integer.KERNELS[qtype](weight.raw, X, out)
+        integer.KERNELS[qtype](integer.pack(qtype, weight.raw), X, out)
         assert relative_error(out, llama_product(weight, dequantized, X)) <= 1e-5, n
 
 
@@ -193,6 +193,33 @@ def test_qwen_tensors(model_path, name):
     rows = min(tensor.shape[0], 2000)
     raw = np.ascontiguousarray(tensor.raw[:rows])
     out = np.empty(rows, dtype=np.float32)
-    integer.KERNELS[tensor.type](raw, x[None], out[None])
+    integer.KERNELS[tensor.type](integer.pack(tensor.type, raw), x[None], out[None])
     want = reference_product(tensor.dequantize()[:rows], llama_activations(x[None], tensor.type))[0]
     assert relative_error(out, want) <= 1e-5
+
+
+@needs_avx2
+@pytest.mark.parametrize("qtype", [Q.Q4_K, Q.Q5_K, Q.Q6_K], ids=lambda q: q.name)
+def test_a_file_weight_is_repacked_once_and_its_mapped_bytes_stay_readable(tmp_path, qtype):
+    """A checked GGUF tensor packs its codes on its first integer product and then drops its
+    mapped pages from the resident set; products, and the tensor's own view of the file, are
+    unchanged by that."""
+    weight = random_weight(qtype, rows=1024, blocks_per_row=6, seed=qtype.value)
+    path = tmp_path / "weights.gguf"
+    writer = GGUFWriter(str(path), "synthetic")
+    writer.add_tensor("w", weight.raw, raw_shape=weight.raw.shape, raw_dtype=qtype)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    X = random_activations(5, weight.shape[1], seed=4)
+    want = llama_product(weight, weight.dequantize(), X)
+    with open_gguf(path) as gguf_file:
+        tensor = gguf_file.tensor("w")
+        checked = CheckedWeight(tensor)
+        first = matmul(checked, X)
+        assert checked.integer_raw() is checked.integer_raw()
+        assert not np.array_equal(checked.integer_raw(), weight.raw)  # the codes moved
+        np.testing.assert_array_equal(tensor.raw, weight.raw)
+        np.testing.assert_array_equal(matmul(checked, X), first)
+        assert relative_error(first, want) <= 1e-5

@@ -93,6 +93,11 @@ class Tensor:
         """Zero-copy uint8 view of the tensor's bytes, shaped (rows, bytes_per_row)."""
         return self._file._view(self.file_offset, self.nbytes).reshape(self._rows, self._row_nbytes)
 
+    def drop_pages(self) -> None:
+        """Let this process drop the mapped pages of the tensor's bytes, for data kept in
+        another layout; a later read of `raw` faults them in again from the file."""
+        self._file.drop_pages(self.file_offset, self.nbytes)
+
     def dequantize(self) -> np.ndarray:
         """The tensor as float32 of `shape`, bit-exact with gguf.quants.dequantize."""
         return quants.dequantize(self.raw, self.type, self.shape)
@@ -136,6 +141,16 @@ class GGUFFile:
         if self._bytes is None:
             raise GGUFError(f"{self.path}: file is closed")
         return self._bytes[start : start + nbytes]
+
+    def drop_pages(self, start: int, nbytes: int) -> None:
+        """madvise(MADV_DONTNEED) over the whole pages of bytes start..start + nbytes: they
+        leave this process's resident set (the file's pages stay in the page cache)."""
+        if self._map is None or not hasattr(mmap, "MADV_DONTNEED"):
+            return
+        first = -(-start // mmap.PAGESIZE) * mmap.PAGESIZE
+        end = (start + nbytes) // mmap.PAGESIZE * mmap.PAGESIZE
+        if end > first:
+            self._map.madvise(mmap.MADV_DONTNEED, first, end - first)
 
     def close(self) -> None:
         """Drop our map; views handed out earlier keep their pages alive until released."""

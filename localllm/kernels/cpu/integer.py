@@ -18,7 +18,11 @@ code sums in their own lanes; Q4_1's and Q5_1's m meets ggml's Q8_1 block sums
 s = f16(d_x * sum of codes), as in ggml. Lanes are reduced in ggml's hsum_float_8 order.
 (Plain multiply-then-add instead of the FMA cost Qwen2.5-0.5B a near-tie greedy continuation
 of llama.cpp's reference; Q4_1 with exact block sums instead of s, or without the hsum order,
-or two blocks at a time, cost SmolLM2 one or two.)
+or two blocks at a time, cost SmolLM2 one or two.) Q4_K, Q5_K and Q6_K leave ggml's lanes: their
+codes are repacked once per weight (pack()) so that each 32-bit lane holds one sub-block and
+the sub-block scales apply once per lane instead of once per 32 codes (see
+_sub_blocks_in_lanes); each block's total is the same integer, the float rounding across lanes
+differs, within the reference tolerances.
 
 One kernel per format serves decoding (one activation row) and prefill (n rows): a tile of four
 activation rows meets each weight block once it is decoded, and a chunk of weight rows is the
@@ -321,11 +325,36 @@ def _scaled_dot(builder, vnni, values, codes, splats):
     return chains[0] if len(chains) == 1 else builder.add(*chains)
 
 
-# Q4_K: f16 d, f16 dmin, 12 bytes of 6-bit scales and mins, 128 bytes of nibbles (byte l of
-# chunk j: value 64j + l low, 64j + 32 + l high). Q5_K has 32 bytes of fifth bits between the
-# scales and the nibbles: bit i of byte l for value 32i + l. Per activation row, acc[0:8] gets
-# d * d_x * sum_i scale_i (values_i . codes_i) and acc[8:16] dmin * d_x * min_i * sum(codes_i),
-# over the eight 32-value sub-blocks i.
+# Q4_K: f16 d, f16 dmin, 12 bytes of 6-bit scales and mins, 128 bytes of nibbles; Q5_K has 32
+# bytes of fifth bits between the scales and the nibbles. In the file, byte l of nibble chunk c
+# holds value 64c + l (low) and 64c + 32 + l (high), and bit i of fifth-bit byte l value 32i + l.
+# The kernels take the nibbles and fifth bits repacked (pack(), once per weight) to hold the
+# eight vectors of _lane_values(32) instead: 32-bit lane j of each holds codes of sub-block j
+# (values 32j..32j+31) only, chunk c's low nibbles vector 2c, its high nibbles vector 2c + 1,
+# bit m of a fifth-bit byte vector m. The activation codes are laid out to match. Eight
+# vpdpbusd then leave sub-block j's whole dot product in lane j, and one vpmulld by the eight
+# scales weighs them: per activation row 8 + 1 multiplies, where the file's layout needs 8
+# vpmaddubsw and 8 vpdpwssd by splatted scales (one Zen 4 core, a tile of four rows: 11.5
+# cycles a block and row against 15.8). Per activation row, acc[0:8] gets
+# d * d_x * scale_j (values_j . codes_j) and acc[8:16] dmin * d_x * min_j * sum(codes_j),
+# lane j for sub-block j.
+
+
+def _lane_values(group: int) -> np.ndarray:
+    """For byte 32m + 4j + b of a K-quant block's eight 32-byte code vectors (m the vector, j
+    its 32-bit lane), the value it holds when lane j holds sub-block j (of `group` = 32 or 16
+    values; with 16, vectors 4..7 hold sub-blocks 8..15)."""
+    vectors_per_sub_block = group // 4
+    order = np.empty(Q8_K_BLOCK, dtype=np.int64)
+    for m in range(8):
+        for j in range(8):
+            sub_block = j + 8 * (m // vectors_per_sub_block)
+            for b in range(4):
+                order[32 * m + 4 * j + b] = group * sub_block + 4 * (m % vectors_per_sub_block) + b
+    return order
+
+
+_LANES_32, _LANES_16 = _lane_values(32), _lane_values(16)
 
 
 def _k_scales_codegen(qtype):
@@ -334,22 +363,21 @@ def _k_scales_codegen(qtype):
     bits_at = layout.field("qh").offset if qtype == Q.Q5_K else None
 
     def codegen(builder, block, rows, count, acc, vnni):
-        _scaled_sub_blocks(builder, block, rows, count, acc, vnni, qtype, scales_at, nibbles_at, bits_at)
+        _sub_blocks_in_lanes(builder, block, rows, count, acc, vnni, qtype, scales_at, nibbles_at, bits_at)
 
     return codegen
 
 
-def _scaled_sub_blocks(builder, block, rows, count, acc, vnni, qtype, scales_at, nibbles_at, bits_at):
+def _sub_blocks_in_lanes(builder, block, rows, count, acc, vnni, qtype, scales_at, nibbles_at, bits_at):
     loaded = [_load(builder, block, scales_at + 4 * i, _I8, 4) for i in range(3)]
     low_scales, low_mins, high_scales, high_mins = k_scales_mins(*(_Bytes(builder, lambda v=v: v) for v in loaded))
-    # Upper sub-blocks first, the lower ones as the shuffles take them: LLVM's instruction order
-    # and register allocation follow the IR's, and this is the order the kernel was measured in.
-    high_scales, high_mins = high_scales.value, high_mins.value
     concatenate = ir.Constant(_vector(_I32, 8), list(range(8)))
-    scales = builder.zext(builder.shuffle_vector(low_scales.value, high_scales, concatenate), _vector(_I16, 8))
+    scales = builder.zext(builder.shuffle_vector(low_scales.value, high_scales.value, concatenate), _vector(_I32, 8))
     # Each min twice: one vpmaddwd with the 16-value code sums gives min_j * (sum of chunk j).
     mins = builder.zext(
-        builder.shuffle_vector(low_mins.value, high_mins, ir.Constant(_vector(_I32, 16), [j // 2 for j in range(16)])),
+        builder.shuffle_vector(
+            low_mins.value, high_mins.value, ir.Constant(_vector(_I32, 16), [j // 2 for j in range(16)])
+        ),
         _vector(_I16, 16),
     )
     nibbles = []
@@ -359,22 +387,29 @@ def _scaled_sub_blocks(builder, block, rows, count, acc, vnni, qtype, scales_at,
     if bits_at is not None:
         _or_where_bit_set(builder, nibbles, _load(builder, block, bits_at, _I8, 32), 16)
     d, dmin = _block_halves(builder, block, qtype, "d", "dmin")
-    scale_splats = _word_splats(builder, scales, [[i] * 16 for i in range(8)])
     for t in range(count):
-        total = _scaled_dot(builder, vnni, nibbles, rows.codes_at(t), scale_splats)
+        codes = rows.codes_at(t)
+        # Integer sums are exact in any order: two chains halve the wait on vpdpbusd's latency.
+        chains = [None, None]
+        for m, values in enumerate(nibbles):
+            chains[m % 2] = _dot_bytes(builder, vnni, chains[m % 2], values, _load(builder, codes, 32 * m, _I8, 32))
         d_x = rows.scale(t)
-        _accumulate(builder, _acc_at(builder, acc, 16 * t), builder.fmul(d, d_x), total)
+        scaled = builder.mul(builder.add(*chains), scales)
+        _accumulate(builder, _acc_at(builder, acc, 16 * t), builder.fmul(d, d_x), scaled)
         code_sums = _load(builder, rows.sums_at(t), 0, _I16, 16)
         _accumulate(
             builder, _acc_at(builder, acc, 16 * t + 8), builder.fmul(dmin, d_x), _madd_words(builder, code_sums, mins)
         )
 
 
-# Q6_K: 128 bytes of low nibbles, 64 bytes of high bit pairs, 16 int8 scales, f16 d.
-# In half h (128 values), byte l of ql[64h:] / ql[64h + 32:] holds values l, l + 32 (low
-# nibbles) and l + 64, l + 96 (high nibbles); byte l of qh[32h:] holds their two high bits at
-# bits 0, 2, 4, 6. Scale i covers 16 values; the codes are 0..63 with an offset of -32, which
-# goes through the 16-value code sums. Per activation row, acc[0:8] gets
+# Q6_K: 128 bytes of low nibbles, 64 bytes of high bit pairs, 16 int8 scales, f16 d. Scale i
+# covers 16 values; the codes are 0..63 with an offset of -32, which goes through the 16-value
+# code sums. In the file, in half h (128 values), byte l of ql[64h:] / ql[64h + 32:] holds
+# values l, l + 32 (low nibbles) and l + 64, l + 96 (high nibbles), and byte l of qh[32h:] their
+# two high bits at bits 0, 2, 4, 6. Repacked (pack()), the same bytes and bits hold the eight
+# vectors of _lane_values(16): lane j of the first four holds sub-block j, of the last four
+# sub-block 8 + j, so two accumulators of four vpdpbusd each and one vpmulld each by eight
+# scales replace 8 vpmaddubsw and 8 vpdpwssd. Per activation row, acc[0:8] gets
 # d * d_x * sum_i scale_i ((q_i - 32) . codes_i).
 
 
@@ -383,6 +418,7 @@ _Q6_K_QL, _Q6_K_QH, _Q6_K_SCALES = LAYOUTS[Q.Q6_K].offsets("ql", "qh", "scales")
 
 def _q6_k_codegen(builder, block, rows, count, acc, vnni):
     scales = builder.sext(_load(builder, block, _Q6_K_SCALES, _I8, 16), _vector(_I16, 16))
+    lane_scales = [builder.sext(_pick(builder, scales, range(8 * g, 8 * g + 8)), _vector(_I32, 8)) for g in range(2)]
     low_nibble, field = _splat(_I8, 32, 15), _splat(_I8, 32, 0x30)
     values = []
     for h in range(2):
@@ -398,9 +434,12 @@ def _q6_k_codegen(builder, block, rows, count, acc, vnni):
             ),
         ]
     (d,) = _block_halves(builder, block, Q.Q6_K, "d")
-    scale_splats = _sixteen_scale_splats(builder, scales)
     for t in range(count):
-        total = _scaled_dot(builder, vnni, values, rows.codes_at(t), scale_splats)
+        codes = rows.codes_at(t)
+        groups = [None, None]
+        for m, value in enumerate(values):
+            groups[m // 4] = _dot_bytes(builder, vnni, groups[m // 4], value, _load(builder, codes, 32 * m, _I8, 32))
+        total = builder.add(*(builder.mul(group, lanes) for group, lanes in zip(groups, lane_scales)))
         code_sums = _load(builder, rows.sums_at(t), 0, _I16, 16)
         offsets = builder.shl(_madd_words(builder, code_sums, scales), _splat(_I32, 8, 5))
         _accumulate(builder, _acc_at(builder, acc, 8 * t), builder.fmul(d, rows.scale(t)), builder.sub(total, offsets))
@@ -995,21 +1034,33 @@ def products_q3_k(raw, X, out):
 
 
 @njit(cache=True, nogil=True)
+def _in_lanes(codes, order):
+    """Q8_K activation codes laid out as the repacked K-quant blocks (`order`: _lane_values)."""
+    n, cols = codes.shape
+    laid_out = np.empty_like(codes)
+    for i in range(n):
+        for first in range(0, cols, Q8_K_BLOCK):
+            for q in range(Q8_K_BLOCK):
+                laid_out[i, first + q] = codes[i, first + order[q]]
+    return laid_out
+
+
+@njit(cache=True, nogil=True)
 def products_q4_k(raw, X, out):
     codes, scales, sums = codes_of(X, Q8_K_BLOCK, np.int16)
-    _products(raw, codes, scales, sums, out, _Q4_K)
+    _products(raw, _in_lanes(codes, _LANES_32), scales, sums, out, _Q4_K)
 
 
 @njit(cache=True, nogil=True)
 def products_q5_k(raw, X, out):
     codes, scales, sums = codes_of(X, Q8_K_BLOCK, np.int16)
-    _products(raw, codes, scales, sums, out, _Q5_K)
+    _products(raw, _in_lanes(codes, _LANES_32), scales, sums, out, _Q5_K)
 
 
 @njit(cache=True, nogil=True)
 def products_q6_k(raw, X, out):
     codes, scales, sums = codes_of(X, Q8_K_BLOCK, np.int16)
-    _products(raw, codes, scales, sums, out, _Q6_K)
+    _products(raw, _in_lanes(codes, _LANES_16), scales, sums, out, _Q6_K)
 
 
 @njit(cache=True, nogil=True)
@@ -1048,8 +1099,100 @@ def products_tq2_0(raw, X, out):
     _products(raw, codes, scales, sums, out, _TQ2_0)
 
 
-# products(raw, X float32[n, cols], out float32[n, rows]): X rounded to 8-bit codes
-# (activations.codes_of, ggml's Q8_0 / Q8_1 / Q8_K for the format) and multiplied, in one call.
+_Q4_K_NIBBLES = LAYOUTS[Q.Q4_K].field("qs").offset
+_Q5_K_NIBBLES, _Q5_K_BITS = LAYOUTS[Q.Q5_K].offsets("qs", "qh")
+# The repacked K-quants, as `kind` of _repack.
+_PACKED_Q4_K, _PACKED_Q5_K, _PACKED_Q6_K = range(3)
+
+
+@njit(nogil=True, inline="always")
+def _file_values(kind, block, values):
+    """The block's codes (bytes block[0:], laid out as in the file) in value order."""
+    if kind == _PACKED_Q6_K:
+        for h in range(2):
+            for l in range(32):
+                low_a, low_b = block[_Q6_K_QL + 64 * h + l], block[_Q6_K_QL + 64 * h + 32 + l]
+                high = block[_Q6_K_QH + 32 * h + l]
+                values[128 * h + l] = (low_a & 15) | ((high & 3) << 4)
+                values[128 * h + 32 + l] = (low_b & 15) | (((high >> 2) & 3) << 4)
+                values[128 * h + 64 + l] = (low_a >> 4) | (((high >> 4) & 3) << 4)
+                values[128 * h + 96 + l] = (low_b >> 4) | (((high >> 6) & 3) << 4)
+        return
+    nibbles_at = _Q5_K_NIBBLES if kind == _PACKED_Q5_K else _Q4_K_NIBBLES
+    for c in range(4):
+        for l in range(32):
+            byte = block[nibbles_at + 32 * c + l]
+            values[64 * c + l] = byte & 15
+            values[64 * c + 32 + l] = byte >> 4
+    if kind == _PACKED_Q5_K:
+        for i in range(8):
+            for l in range(32):
+                values[32 * i + l] |= ((block[_Q5_K_BITS + l] >> i) & 1) << 4
+
+
+@njit(nogil=True, inline="always")
+def _write_vectors(kind, vectors, block):
+    """The eight code vectors (vectors[32m:32m + 32] for vector m) into the block's code bytes,
+    where the kernel's decoding of that format takes them from."""
+    if kind == _PACKED_Q6_K:
+        for h in range(2):
+            for p in range(32):
+                u = vectors[128 * h + p : 128 * h + 128 : 32]
+                block[_Q6_K_QL + 64 * h + p] = (u[0] & 15) | ((u[2] & 15) << 4)
+                block[_Q6_K_QL + 64 * h + 32 + p] = (u[1] & 15) | ((u[3] & 15) << 4)
+                high = (u[0] >> 4) | ((u[1] >> 4) << 2) | ((u[2] >> 4) << 4) | ((u[3] >> 4) << 6)
+                block[_Q6_K_QH + 32 * h + p] = high
+        return
+    nibbles_at = _Q5_K_NIBBLES if kind == _PACKED_Q5_K else _Q4_K_NIBBLES
+    for c in range(4):
+        for p in range(32):
+            block[nibbles_at + 32 * c + p] = (vectors[64 * c + p] & 15) | ((vectors[64 * c + 32 + p] & 15) << 4)
+    if kind == _PACKED_Q5_K:
+        for p in range(32):
+            bits = 0
+            for m in range(8):
+                bits |= ((vectors[32 * m + p] >> 4) & 1) << m
+            block[_Q5_K_BITS + p] = bits
+
+
+@njit(cache=True, nogil=True, parallel=True)
+def _repack(raw, kind, block_bytes, order):
+    """A copy of K-quant rows with each block's codes moved to the kernels' layout (value
+    order[q] to position q of the eight code vectors); scales and the rest as they were."""
+    rows, row_bytes = raw.shape
+    packed = np.empty((rows, row_bytes), dtype=np.uint8)
+    for r in prange(rows):
+        values = np.empty(Q8_K_BLOCK, dtype=np.uint8)
+        vectors = np.empty(Q8_K_BLOCK, dtype=np.uint8)
+        for first in range(0, row_bytes, block_bytes):
+            block = packed[r, first : first + block_bytes]
+            block[:] = raw[r, first : first + block_bytes]
+            _file_values(kind, block, values)
+            for q in range(Q8_K_BLOCK):
+                vectors[q] = values[order[q]]
+            _write_vectors(kind, vectors, block)
+    return packed
+
+
+# Per repacked format: its kind and the activation layout of its kernel.
+_PACKED = {Q.Q4_K: (_PACKED_Q4_K, _LANES_32), Q.Q5_K: (_PACKED_Q5_K, _LANES_32), Q.Q6_K: (_PACKED_Q6_K, _LANES_16)}
+
+
+def pack(qtype, raw: np.ndarray) -> np.ndarray:
+    """`raw` (2-D uint8 rows of `qtype` blocks, as in the file) in the layout this module's
+    kernel for `qtype` reads, read-only: a repacked copy for Q4_K, Q5_K and Q6_K, `raw` itself
+    for every other format."""
+    if qtype not in _PACKED:
+        return raw
+    kind, order = _PACKED[qtype]
+    packed = _repack(raw, kind, LAYOUTS[qtype].type_size, order)
+    packed.flags.writeable = False
+    return packed
+
+
+# products(raw, X float32[n, cols], out float32[n, rows]), raw in pack()'s layout: X rounded to
+# 8-bit codes (activations.codes_of, ggml's Q8_0 / Q8_1 / Q8_K for the format) and multiplied,
+# in one call.
 # One kernel serves matvec (n = 1) and matmul.
 KERNELS = {
     Q.Q4_0: products_q4_0,

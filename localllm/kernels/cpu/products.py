@@ -14,7 +14,8 @@ over output rows with prange):
 
 integer.py adds, for every block format, one kernel for both products,
 ``products(raw, X, out)``, which rounds X to 8-bit codes and multiplies those; used when
-activations are rounded and the CPU has AVX2.
+activations are rounded and the CPU has AVX2. Its raw is in the kernel's own layout,
+``integer.pack(qtype, raw)`` (the K-quants' codes repacked; a CheckedWeight packs once).
 
 Which module serves which format is the `cpu_kernels` entry of localllm.formats.quants.LAYOUTS;
 the tables below are built from it.
@@ -64,13 +65,26 @@ class CheckedWeight:
     raw bytes held: a decode step makes hundreds of products on the same weights, and checking
     them and viewing the map again cost microseconds each time."""
 
-    __slots__ = ("raw", "type", "shape", "name", "_checked")
+    __slots__ = ("raw", "type", "shape", "name", "_checked", "_integer_raw", "_drop_pages")
 
     def __init__(self, weight):
         self._checked = _check_weight(weight)
         self.raw, self.type, rows, cols = self._checked
         self.shape = (rows, cols)
         self.name = getattr(weight, "name", "weight")
+        self._integer_raw = None
+        self._drop_pages = getattr(weight, "drop_pages", None)
+
+    def integer_raw(self) -> np.ndarray:
+        """The bytes in the integer kernel's layout (integer.pack), made on first use: a copy
+        for the formats it repacks, which a model on the float kernels never needs. The file's
+        pages of a repacked tensor then leave the resident set (GGUF tensors' drop_pages), so
+        that the weights do not count twice."""
+        if self._integer_raw is None:
+            self._integer_raw = integer.pack(self.type, self.raw)
+            if self._integer_raw is not self.raw and self._drop_pages is not None:
+                self._drop_pages()
+        return self._integer_raw
 
     def __repr__(self) -> str:
         return f"CheckedWeight({self.name!r}, {_type_name(self.type)}, shape={self.shape})"
@@ -113,6 +127,12 @@ def _check_weight(weight) -> tuple[np.ndarray, GGMLQuantizationType, int, int]:
     return raw, qtype, rows, cols
 
 
+def _integer_raw(weight, raw: np.ndarray, qtype) -> np.ndarray:
+    if type(weight) is CheckedWeight:
+        return weight.integer_raw()
+    return integer.pack(qtype, raw)
+
+
 def _check_activations(name: str, a, ndim: int, cols: int, what: str) -> np.ndarray:
     if not isinstance(a, np.ndarray):
         raise KernelError(f"{name} must be a numpy array, got {type(a).__name__}")
@@ -150,7 +170,7 @@ def matvec(weight, x: np.ndarray, out: np.ndarray | None = None, *, quantize: bo
     out = _check_out(out, (rows,))
     apply_threads()
     if quantize and qtype in INTEGER_PRODUCTS:
-        INTEGER_PRODUCTS[qtype](raw, x[None], out[None])
+        INTEGER_PRODUCTS[qtype](_integer_raw(weight, raw, qtype), x[None], out[None])
         return out
     if quantize:
         x = quantize_activations(x, qtype)
@@ -171,7 +191,7 @@ def matmul(weight, X: np.ndarray, out: np.ndarray | None = None, *, quantize: bo
         return out
     apply_threads()
     if quantize and qtype in INTEGER_PRODUCTS:
-        INTEGER_PRODUCTS[qtype](raw, X, out)
+        INTEGER_PRODUCTS[qtype](_integer_raw(weight, raw, qtype), X, out)
         return out
     if quantize:
         X = quantize_activations(X, qtype)
