@@ -363,3 +363,33 @@ def test_speculation_object_runs_on_a_plain_model_directly(plain):
         runs.append([token for token, _ in (next(steps) for _ in range(40))])
         steps.close()
     assert runs[0] == runs[1]
+
+
+def test_a_draft_far_behind_starts_over_on_the_latest_tokens(plain):
+    """A prompt longer than max_catch_up is not fed to the draft whole: its cache then holds
+    the last max_catch_up tokens, as a fresh cache fed only those, and later rounds follow on."""
+    spec = CacheSpec(n_ctx=256)
+    drafter = DraftModelDrafter(plain.model, spec, min_confidence=0.0, max_catch_up=8)
+    greedy = Sampler(SamplingParams(temperature=0), plain.n_vocab)
+    context = plain.tokenize("The quick brown fox jumps over the lazy dog, and then the dog woke up and")
+    assert len(context) > 12
+    first = drafter.propose(context, 3, greedy)
+    assert len(first.tokens) == 3
+    following = [*context, first.tokens[0]]
+    drafter.propose(following, 2, greedy)
+    fresh = plain.model.new_cache(spec)
+    plain.model.forward(following[-9:], fresh)
+    assert drafter.cache.n_tokens >= 9
+    for (_, keys, values, positions), (_, want_keys, want_values, want_positions) in zip(
+        drafter.cache.held_arrays(), fresh.held_arrays()
+    ):
+        np.testing.assert_array_equal(positions[:9], want_positions)
+        np.testing.assert_array_equal(keys[:9], want_keys)
+        np.testing.assert_array_equal(values[:9], want_values)
+    # Far behind again (twelve new tokens): it starts over on the latest eight.
+    later = [*following, *context[:12]]
+    drafter.propose(later, 1, greedy)
+    fresh = plain.model.new_cache(spec)
+    plain.model.forward(later[-8:], fresh)
+    for (_, keys, _, _), (_, want_keys, _, _) in zip(drafter.cache.held_arrays(), fresh.held_arrays()):
+        np.testing.assert_array_equal(keys[:8], want_keys)
