@@ -2,6 +2,7 @@
 
 Run: python benchmarks/speculative.py [--model qwen2.5-coder-1.5b-instruct] [--draft NAME]
      [--tokens 128] [--draft-max 4] [--threads 2] [--prompts code,edit,...]
+     [--llama-speculative PATH] [--llama-lookup PATH]
 
 Every prompt is answered greedily in chat form with EOS banned, so each run generates exactly
 --tokens tokens, by each configuration: plain decoding; prompt lookup and the draft model with
@@ -10,12 +11,26 @@ a fixed draft length (--draft-max every round); and both with the adaptive draft
 of them alike. Speed is generated tokens over the time from the end of the prompt's prefill to
 the last token, so it includes the draft model's own prefill. Every speculative run is checked
 to produce the plain run's tokens.
+
+Where llama.cpp's `llama-speculative` and `llama-lookup` examples are installed (on PATH, or
+given), they run in the same alternation on the same files and chat-rendered prompts, greedy,
+EOS ignored, with their own default draft settings: the draft model and prompt lookup as
+llama.cpp ships them. Their speed is the "decoded ... t/s" they print, which leaves out the
+prompt's prefill for both models (ours includes the draft model's). To build them from the
+llama.cpp vendored in the llama-cpp-python sdist:
+
+    cmake -S vendor/llama.cpp -B build -DGGML_NATIVE=ON -DLLAMA_CURL=OFF -DLLAMA_BUILD_SERVER=OFF
+    cmake --build build --target llama-speculative llama-lookup
 """
 
 import argparse
+import os
+import re
+import shutil
+import subprocess
 import time
 
-from localllm.runtime.catalog import lookup
+from localllm.runtime.catalog import ensure_model, lookup
 from localllm.runtime.llm import LLM
 
 EDITED_CODE = """def parse_config(path):
@@ -76,6 +91,29 @@ def run(llm: LLM, prompt: str, tokens: int):
     return completion, stats.completion_tokens / (stats.total_seconds - stats.prompt_seconds)
 
 
+_DECODED = re.compile(r"decoded\s+(\d+) tokens in\s+([\d.]+) seconds")
+_ACCEPTED = re.compile(r"n_accept\s+=\s+(\d+)")
+_DRAFTED = re.compile(r"n_drafted\s+=\s+(\d+)")
+
+
+def run_llama_cpp(binary: str, llm: LLM, draft_path, prompt: str, tokens: int, threads: int) -> tuple[float, str]:
+    """Tokens/s of a llama.cpp speculative example on the chat-rendered prompt, and its
+    accepted/drafted counts."""
+    text = llm.chat_template.render([{"role": "user", "content": prompt}], add_generation_prompt=True)
+    command = [binary, "-m", str(llm.path), "-p", text, "-n", str(tokens), "--temp", "0", "--ignore-eos"]
+    command += ["-t", str(threads), "-c", "1024"]
+    if draft_path is not None:
+        command += ["-md", str(draft_path), "-td", str(threads)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=900, check=True)
+    output = result.stdout + result.stderr
+    decoded = _DECODED.search(output)
+    if decoded is None:
+        raise RuntimeError(f"{binary} printed no decode speed:\n{output[-2000:]}")
+    accepted, drafted = _ACCEPTED.search(output), _DRAFTED.search(output)
+    note = f"{accepted.group(1)}/{drafted.group(1)}" if accepted and drafted else ""
+    return int(decoded.group(1)) / float(decoded.group(2)), note
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="qwen2.5-coder-1.5b-instruct")
@@ -84,10 +122,18 @@ def main() -> None:
     parser.add_argument("--draft-max", type=int, default=4, help="draft length of the fixed-length rows")
     parser.add_argument("--threads", default="2")
     parser.add_argument("--prompts", default=",".join(PROMPTS), help="comma-separated subset of " + ",".join(PROMPTS))
+    parser.add_argument("--llama-speculative", default=shutil.which("llama-speculative"), help="llama.cpp's example")
+    parser.add_argument("--llama-lookup", default=shutil.which("llama-lookup"), help="llama.cpp's example")
     args = parser.parse_args()
     draft = args.draft or lookup(args.model).draft or "lookup"
     threads = args.threads if args.threads == "auto" else int(args.threads)
     names = args.prompts.split(",")
+    cpp_threads = threads if isinstance(threads, int) else (os.cpu_count() or 1)
+    llama_cpp_runs = []
+    if args.llama_speculative and draft != "lookup":
+        llama_cpp_runs.append(("llama-speculative", args.llama_speculative, ensure_model(draft)))
+    if args.llama_lookup:
+        llama_cpp_runs.append(("llama-lookup", args.llama_lookup, None))
 
     llms = {}
     try:
@@ -112,6 +158,11 @@ def main() -> None:
                     rate = spec.acceptance_rate
                     notes[label][name] = f"{spec.accepted}/{spec.drafted} ({0 if rate is None else rate:.0%}){exact}"
                 print(f"  {name:8} {label:18} {speed:6.2f} t/s  ({time.perf_counter() - started:.1f} s){exact}")
+            for label, binary, draft_path in llama_cpp_runs:
+                speed, note = run_llama_cpp(binary, llms["plain"], draft_path, PROMPTS[name], args.tokens, cpp_threads)
+                speeds.setdefault(label, {})[name] = speed
+                notes.setdefault(label, {})[name] = note
+                print(f"  {name:8} {label:18} {speed:6.2f} t/s")
     finally:
         for llm in llms.values():
             llm.close()
