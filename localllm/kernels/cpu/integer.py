@@ -1107,7 +1107,11 @@ _PACKED_Q4_K, _PACKED_Q5_K, _PACKED_Q6_K = range(3)
 
 @njit(nogil=True, inline="always")
 def _file_values(kind, block, values):
-    """The block's codes (bytes block[0:], laid out as in the file) in value order."""
+    """The block's codes (bytes block[0:], laid out as in the file) in value order.
+
+    formats/quants.py decodes the same order in NumPy for dequantization; packing through that
+    decode gave the same bytes but took 1.74 s instead of 0.11 s for the 1.5B's 151936x1536
+    Q6_K output head (about 5 s added to the model's first forward), so pack decodes here."""
     if kind == _PACKED_Q6_K:
         for h in range(2):
             for l in range(32):
