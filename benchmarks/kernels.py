@@ -28,7 +28,7 @@ from rich.console import Console
 from rich.table import Table
 
 from localllm.formats.quants import LAYOUTS
-from localllm.kernels.cpu import KERNELS, get_threads
+from localllm.kernels.cpu import KERNELS, get_threads, integer
 from localllm.kernels.cpu.activations import quantize_activations
 from localllm.kernels.cpu.bandwidth import read_bandwidth
 from localllm.kernels.cpu.products import INTEGER_PRODUCTS
@@ -107,8 +107,6 @@ def rounded_product(qtype, n):
     """What products.matvec (n = 1) or matmul runs on 8-bit-rounded activations, rounding
     included: the integer kernel where there is one, else the float kernel."""
     if qtype in INTEGER_PRODUCTS:
-        # The matrices are random bytes, as random in the kernel's layout (integer.pack) as in
-        # the file's: they go in unpacked.
         return INTEGER_PRODUCTS[qtype]
     kernel = KERNELS[qtype][0 if n == 1 else 1]
     if n == 1:
@@ -116,11 +114,17 @@ def rounded_product(qtype, n):
     return lambda raw, X, out: kernel(raw, quantize_activations(X, qtype), out)
 
 
+def kernel_layout(qtype, raw: np.ndarray) -> np.ndarray:
+    """The file's bytes as the kernel that multiplies them reads them (integer.pack: a copy for
+    the formats it repacks, as a model's CheckedWeight makes once)."""
+    return integer.pack(qtype, raw) if qtype in INTEGER_PRODUCTS else raw
+
+
 def bench_matvec(qtype, shapes, bandwidth, pool, quick, rng):
     matvec_kernel = rounded_product(qtype, 1)
     row = [qtype.name + (" (integer)" if qtype in INTEGER_PRODUCTS else "")]
     for rows, cols in shapes:
-        matrices = pool_matrices(pool, qtype, rows, cols, rng)
+        matrices = [kernel_layout(qtype, raw) for raw in pool_matrices(pool, qtype, rows, cols, rng)]
         x = rng.standard_normal((1, cols), dtype=np.float32)
         out = np.empty((1, rows), dtype=np.float32)
 
@@ -129,7 +133,7 @@ def bench_matvec(qtype, shapes, bandwidth, pool, quick, rng):
                 matvec_kernel(raw, x, out)
 
         seconds = best_time(cycle, 2 if quick else 4) / len(matrices)
-        rate = matrices[0].nbytes / seconds / 1e9
+        rate = rows * cols // GGML_QUANT_SIZES[qtype][0] * GGML_QUANT_SIZES[qtype][1] / seconds / 1e9
         row.append(f"{rate:.1f} ({rate / bandwidth:.2f})")
     return row
 
@@ -150,6 +154,8 @@ def bench_matmul(qtype, shapes, batches, quick, rng):
     lines = []
     for rows, cols in shapes:
         raw = random_raw(qtype, rows, cols, rng)
+        raw.flags.writeable = False
+        packed = kernel_layout(qtype, raw)
         cases = []
         for n in batches:
             X = rng.standard_normal((n, cols), dtype=np.float32)
@@ -157,7 +163,7 @@ def bench_matmul(qtype, shapes, batches, quick, rng):
             flops = 2.0 * rows * cols * n
             repeats = 1 if flops > 2e11 else (2 if quick else 3)
             product = rounded_product(qtype, n)
-            seconds = best_time(lambda: product(raw, X, out), repeats)
+            seconds = best_time(lambda: product(packed, X, out), repeats)
             cases.append((n, X, out, flops, repeats, f"{flops / seconds / 1e9:.1f}"))
         # BLAS last: its idle threads spin for a while after each call and would slow
         # whatever runs next on these two cores.

@@ -80,6 +80,20 @@ def test_integer_matmul_matches_float64(qtype):
 
 
 @needs_avx2
+@pytest.mark.parametrize("rows", [1, 15, 16, 17, 48])
+def test_tq1_0_rows_in_groups_of_sixteen_and_a_partial_one(rows):
+    """With AVX-512 VBMI, TQ1_0 rows are interleaved sixteen at a time, the last group padded:
+    every row count gives each row's product, and nothing past the last row is written."""
+    weight = random_weight(Q.TQ1_0, rows=rows, blocks_per_row=3, seed=rows)
+    X = random_activations(5, weight.shape[1], seed=rows)
+    memory = np.full(5 * rows + 16, np.nan, dtype=np.float32)
+    out = memory[: 5 * rows].reshape(5, rows)
+    integer.KERNELS[Q.TQ1_0](integer.pack(Q.TQ1_0, weight.raw), X, out)
+    assert relative_error(out, llama_product(weight, weight.dequantize(), X)) <= 1e-5
+    assert np.isnan(memory[5 * rows :]).all()
+
+
+@needs_avx2
 @pytest.mark.parametrize("qtype", FORMATS, ids=lambda q: q.name)
 def test_each_row_of_a_batch_is_bit_identical_to_the_row_alone(qtype):
     """Batch invariance: n rows go through tiles of four and one tile of the rest; whatever
