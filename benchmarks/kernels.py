@@ -4,7 +4,7 @@
 
 Prints, per format: matvec weight GB/s (what decoding runs: activation rounding, then the
 integer kernel where there is one, as for matmul) on the qwen2.5-coder-1.5b shapes and its ratio
-to the measured read bandwidth. Each shape cycles through as many random matrices as fill a 1 GB
+to the read bandwidth measured just before it. Each shape cycles through as many random matrices as fill a 1 GB
 pool, as a decode step goes through a whole model: with a working set of a few times the L3
 cache, part of it stays cached from one pass to the next, and a kernel "reads" faster than the
 memory can deliver (Q8_0 at 1.1x the streaming sum with 128 MB); matmul GFLOP/s
@@ -120,7 +120,10 @@ def kernel_layout(qtype, raw: np.ndarray) -> np.ndarray:
     return integer.pack(qtype, raw) if qtype in INTEGER_PRODUCTS else raw
 
 
-def bench_matvec(qtype, shapes, bandwidth, pool, quick, rng):
+def bench_matvec(qtype, shapes, probe_bytes, pool, quick, rng):
+    """Per shape: weight GB/s, and its ratio to the read bandwidth measured just before it. On
+    a shared host the probe moves between runs (33-36 and 62-65 GB/s on the same two cores,
+    within an hour), more than the kernels do, so each ratio takes its own probe."""
     matvec_kernel = rounded_product(qtype, 1)
     row = [qtype.name + (" (integer)" if qtype in INTEGER_PRODUCTS else "")]
     for rows, cols in shapes:
@@ -132,9 +135,10 @@ def bench_matvec(qtype, shapes, bandwidth, pool, quick, rng):
             for raw in matrices:
                 matvec_kernel(raw, x, out)
 
+        bandwidth = read_bandwidth(probe_bytes)
         seconds = best_time(cycle, 2 if quick else 4) / len(matrices)
         rate = rows * cols // GGML_QUANT_SIZES[qtype][0] * GGML_QUANT_SIZES[qtype][1] / seconds / 1e9
-        row.append(f"{rate:.1f} ({rate / bandwidth:.2f})")
+        row.append(f"{rate:.1f} ({rate / bandwidth:.2f} of {bandwidth:.1f})")
     return row
 
 
@@ -210,8 +214,7 @@ def main(argv=None) -> None:
     rng = np.random.default_rng(0)
 
     console.print(f"threads: {get_threads()}; numbers on a shared machine are indicative")
-    bandwidth = read_bandwidth(1 << 28 if args.quick else 1 << 30)
-    console.print(f"read bandwidth: {bandwidth:.1f} GB/s")
+    probe_bytes = 1 << 28 if args.quick else 1 << 30
 
     for qtype in formats:
         rounded_product(qtype, 1)(
@@ -219,12 +222,14 @@ def main(argv=None) -> None:
         )
 
     pool = rng.integers(0, 256, size=WORKING_SET, dtype=np.uint8)
-    table = Table(title=f"matvec: weight GB/s (ratio to read bandwidth), {pool.nbytes >> 20} MB of weights per shape")
+    table = Table(
+        title=f"matvec: weight GB/s (ratio of the read bandwidth probed before it), {pool.nbytes >> 20} MB of weights"
+    )
     table.add_column("format")
     for rows, cols in shapes:
         table.add_column(f"{rows}x{cols}", justify="right")
     for qtype in formats:
-        table.add_row(*bench_matvec(qtype, shapes, bandwidth, pool, args.quick, rng))
+        table.add_row(*bench_matvec(qtype, shapes, probe_bytes, pool, args.quick, rng))
     console.print(table)
     del pool
 
