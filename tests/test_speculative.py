@@ -108,6 +108,26 @@ def test_policy_chooses_the_draft_length_from_measured_costs_and_acceptance():
     assert first < policy.explore_every and second - first == 2 * policy.explore_every
 
 
+def test_a_costly_probe_waits_until_it_is_a_small_share_of_the_plain_decoding_since():
+    """A draft model's probe from k = 0 catches up on the tokens it skipped first; the next
+    probe waits until that cost is at most PROBE_SHARE of the plain decoding since."""
+    policy = DraftLengthPolicy(draft_max=8)
+    for n, seconds in {1: 1.0, 2: 2.0, 3: 3.0}.items():
+        policy.record_forward(n, seconds)
+    policy.record_draft_step(1.0)
+    for _ in range(30):
+        policy.record_round(4, 4, 0)
+    policy.record_round_seconds(1, 2.0, 3.0)  # a probe whose catch-up took 2 s
+    probes = []
+    for _ in range(200):
+        k = policy.choose(8)
+        probes.append(k)
+        policy.record_round_seconds(k, 2.0 if k else 0.0, 1.0)
+    first = probes.index(1)
+    # 2 s of drafting is PROBE_SHARE of 40 plain rounds of 1 s
+    assert first == round(2.0 / policy.PROBE_SHARE), first
+
+
 def assert_chi_square_passes(observed, expected):
     """Pearson's goodness-of-fit test at p-value 0.001."""
     statistic = float(((observed - expected) ** 2 / expected).sum())

@@ -89,9 +89,12 @@ class DraftLengthPolicy:
     Every `explore_every` rounds one round takes a neighbour of the best k instead, so the
     estimates next to it stay current; from k = 0 (speculation off) that probe also halves the
     memory of past rejections, in case the text has turned predictable, and each probe that
-    does not turn speculation back on doubles the wait before the next (a draft model must
-    catch up on every token it skipped). With `adaptive=False` every round asks for `draft_max`
-    tokens (the drafter may still stop early).
+    does not turn speculation back on doubles the wait before the next. A probe also waits
+    until what the last one cost in drafting is at most PROBE_SHARE of the time decoded plainly
+    since: a draft model must first catch up on the tokens it skipped (up to its catch-up
+    limit, 0.1-0.3 s for the 0.5B, several plain steps), prompt lookup costs nothing. With
+    `adaptive=False` every round asks for `draft_max` tokens (the drafter may still stop
+    early).
     """
 
     COST_SAMPLES = 5
@@ -99,6 +102,7 @@ class DraftLengthPolicy:
     PRIOR_WEIGHT = 2.0
     PRIOR_ACCEPTANCE = 0.5
     MAX_EXPLORE_EVERY = 256
+    PROBE_SHARE = 0.05
 
     def __init__(self, draft_max: int = DEFAULT_DRAFT_MAX, adaptive: bool = True, explore_every: int = 16):
         self.draft_max = check_draft_max(draft_max)
@@ -119,6 +123,11 @@ class DraftLengthPolicy:
         self._rounds = 0
         self._since_explored = 0
         self._explore_up = True
+        # Drafting time of the round that last turned drafting on (the first such round
+        # included), and the seconds of plain rounds since.
+        self._probe_seconds = 0.0
+        self._off_seconds = 0.0
+        self._drafting = False
 
     def forward_seconds(self, longest: int) -> list[float]:
         """Estimated cost of verifying n tokens, for n = 1 .. longest (index n - 1); empty until
@@ -184,6 +193,8 @@ class DraftLengthPolicy:
         self._since_explored += 1
         if self._since_explored < (self.explore_every if best_k else self._off_explore_every):
             return best_k
+        if best_k == 0 and self._probe_seconds > self.PROBE_SHARE * self._off_seconds:
+            return 0
         self._since_explored = 0
         if best_k == 0:
             self._off_explore_every = min(2 * self._off_explore_every, self.MAX_EXPLORE_EVERY)
@@ -198,6 +209,14 @@ class DraftLengthPolicy:
         samples = self._forward_samples.setdefault(n, deque(maxlen=self.COST_SAMPLES))
         samples.append(seconds)
         self._forward_medians[n] = float(np.median(samples))
+
+    def record_round_seconds(self, k: int, draft_seconds: float, seconds: float) -> None:
+        """A round with draft cap k took `seconds`, `draft_seconds` of them drafting."""
+        if k == 0:
+            self._off_seconds += seconds
+        elif not self._drafting:
+            self._probe_seconds, self._off_seconds = draft_seconds, 0.0
+        self._drafting = k > 0
 
     def record_draft_step(self, seconds: float) -> None:
         self._draft_step_samples.append(seconds)
@@ -298,6 +317,7 @@ def speculative_steps(model, cache, sampler, context: list[int], logits: np.ndar
             finished = time.perf_counter()
 
             policy.record_forward(len(draft.tokens) + 1, finished - drafted)
+            policy.record_round_seconds(k, drafted - started, finished - started)
             if draft.step_seconds is not None:
                 policy.record_draft_step(draft.step_seconds)
             policy.record_round(k, len(draft.tokens), len(kept))
