@@ -81,14 +81,15 @@ def test_integer_matmul_matches_float64(qtype):
 
 @needs_avx2
 @pytest.mark.parametrize("rows", [1, 15, 16, 17, 48])
-def test_tq1_0_rows_in_groups_of_sixteen_and_a_partial_one(rows):
-    """With AVX-512 VBMI, TQ1_0 rows are interleaved sixteen at a time, the last group padded:
+@pytest.mark.parametrize("qtype", [Q.TQ1_0, Q.TQ2_0], ids=lambda q: q.name)
+def test_ternary_rows_in_groups_of_sixteen_and_a_partial_one(qtype, rows):
+    """With AVX-512 VNNI, ternary rows are interleaved sixteen at a time, the last group padded:
     every row count gives each row's product, and nothing past the last row is written."""
-    weight = random_weight(Q.TQ1_0, rows=rows, blocks_per_row=3, seed=rows)
+    weight = random_weight(qtype, rows=rows, blocks_per_row=3, seed=rows)
     X = random_activations(5, weight.shape[1], seed=rows)
     memory = np.full(5 * rows + 16, np.nan, dtype=np.float32)
     out = memory[: 5 * rows].reshape(5, rows)
-    integer.KERNELS[Q.TQ1_0](integer.pack(Q.TQ1_0, weight.raw), X, out)
+    integer.KERNELS[qtype](integer.pack(qtype, weight.raw), X, out)
     assert relative_error(out, llama_product(weight, weight.dequantize(), X)) <= 1e-5
     assert np.isnan(memory[5 * rows :]).all()
 

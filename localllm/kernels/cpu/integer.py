@@ -22,9 +22,10 @@ or two blocks at a time, cost SmolLM2 one or two.) Q4_K, Q5_K and Q6_K leave ggm
 codes are repacked once per weight (pack()) so that each 32-bit lane holds one sub-block and
 the sub-block scales apply once per lane instead of once per 32 codes (see
 _sub_blocks_in_lanes); each block's total is the same integer, the float rounding across lanes
-differs, within the reference tolerances. TQ1_0 takes each block's total as one integer and
-meets it with one multiply-add per row and block; with AVX-512 VBMI its rows are interleaved by
-sixteen (pack()), a 32-bit lane per row, and its digits looked up (_tq1_0_row_group_codegen).
+differs, within the reference tolerances. TQ1_0 and TQ2_0 take each block's total as one
+integer and meet it with one multiply-add per row and block; with AVX-512 VNNI (and VBMI for
+TQ1_0) their rows are interleaved by sixteen (pack()), a 32-bit lane per row
+(_row_group_codegen).
 
 One kernel per format serves decoding (one activation row) and prefill (n rows): a tile of four
 activation rows meets each weight block once it is decoded, and a chunk of weight rows is the
@@ -69,8 +70,10 @@ AVAILABLE = "+avx2" in _TARGET_FEATURES and "+f16c" in _TARGET_FEATURES
 # 8-bit and 16-bit dot products that add into 32-bit lanes in one instruction (vpdpbusd,
 # vpdpwssd): AVX-512 VNNI on 256-bit vectors (with AVX-512 VL), or AVX-VNNI.
 HAS_VNNI = AVAILABLE and ({"+avx512vnni", "+avx512vl"} <= set(_TARGET_FEATURES) or "+avxvnni" in _TARGET_FEATURES)
+# vpdpbusd on 64-byte vectors: the ternary formats' row-interleaved kernels.
+HAS_VNNI_512 = AVAILABLE and {"+avx512f", "+avx512bw", "+avx512vnni"} <= set(_TARGET_FEATURES)
 # Byte permutes across 64-byte vectors (vpermi2b): TQ1_0's digits by table lookup.
-HAS_VBMI = HAS_VNNI and {"+avx512vbmi", "+avx512bw"} <= set(_TARGET_FEATURES)
+HAS_VBMI = HAS_VNNI_512 and "+avx512vbmi" in _TARGET_FEATURES
 
 # _halves emits inline assembly, which LLVM parses only with the host's assembly parser.
 llvm_binding.initialize_native_asmparser()
@@ -687,7 +690,8 @@ def _codes_with_minimum(builder, block, rows, count, acc, vnni, qtype, bits_at, 
 
 # TQ2_0: 64 bytes of 2-bit codes, f16 d. Byte m of chunk c (32 bytes) holds values
 # 128c + 32l + m at bits 2l; the codes are 0..2 with an offset of -1, which goes through the
-# 16-value code sums. Per activation row, acc[0:8] gets d * d_x * ((q - 1) . codes).
+# 16-value code sums. Per activation row, acc[0] gets d * d_x * ((q - 1) . codes), the block's
+# total as one integer, as the row-interleaved kernel (below, with TQ1_0's) computes it.
 
 
 _TQ2_0_QS, _TQ2_0_D = LAYOUTS[Q.TQ2_0].offsets("qs", "d")
@@ -710,7 +714,7 @@ def _tq2_0_codegen(builder, block, rows, count, acc, vnni):
     # Activation codes of value group l (bits 2l) of chunk c start at byte 128c + 32l.
     plain_at = [128 * c + 32 * l for c in range(2) for l in (0, 2)]
     fourfold_at = [128 * c + 32 * l for c in range(2) for l in (1, 3)]
-    d = _splatted_half(builder, block, _TQ2_0_D)
+    (d,) = _block_halves(builder, block, Q.TQ2_0, "d")
     for t in range(count):
         codes = rows.codes_at(t)
         if vnni:
@@ -736,16 +740,15 @@ def _tq2_0_codegen(builder, block, rows, count, acc, vnni):
             pairs = builder.add(sums[0], builder.ashr(sums[1], _splat(_I16, 16, 2)))
             total = _madd_words(builder, pairs, _splat(_I16, 16, 1))
         offsets = _madd_words(builder, _load(builder, rows.sums_at(t), 0, _I16, 16), _splat(_I16, 16, 1))
-        _accumulate(
-            builder, _acc_at(builder, acc, 8 * t), _times_splat(builder, d, rows.scale(t)), builder.sub(total, offsets)
-        )
+        scale = builder.fmul(d, rows.scale(t))
+        _block_total_into_lane_0(builder, _acc_at(builder, acc, 8 * t), scale, builder.sub(total, offsets))
 
 
 # TQ1_0: 48 bytes of five base-3 digits each, 4 bytes of four, f16 d. Digit n of a
 # byte b is floor(3 * (b * 3^n mod 256) / 256): bytes 0..31 hold values 32n + m, bytes 32..47
 # values 160 + 16n + m, bytes 48..51 values 240 + 4n + m. The codes are 0..2 with an offset
 # of -1, which goes through the 16-value code sums. Two kernels: with AVX-512 VBMI, sixteen rows
-# interleaved (below, _tq1_0_row_group_codegen); elsewhere the file's blocks with the digits
+# interleaved (below, _row_group_codegen); elsewhere the file's blocks with the digits
 # computed (_tq1_0_codegen). Both add each block's total as one integer and meet it with one
 # float multiply-add per row and block, so they give the same floats.
 _TQ1_0_BYTES = LAYOUTS[Q.TQ1_0].type_size
@@ -809,59 +812,59 @@ def _tq1_0_codegen(builder, block, rows, count, acc, vnni):
         _block_total_into_lane_0(builder, _acc_at(builder, acc, 8 * t), scale, builder.sub(total, offsets))
 
 
-# TQ1_0 with AVX-512 VBMI: sixteen weight rows interleaved (pack(), once per weight) so that
-# 32-bit lane L of a 64-byte vector belongs to row L. A block's 52 digit bytes (qs, then qh)
-# are 13 four-byte words; for each group of sixteen rows and each block k the packed bytes are
-# 13 vectors (vector w: word w of block k of each row), then the rows' sixteen f16 d: 864
-# bytes, the size of the sixteen blocks. Two table lookups per vector give all five digits
-# (_TQ1_0_PACKED_DIGITS), with no padding lanes, and each digit vector meets the activation
-# codes of its word and digit as one 4-byte broadcast: per block and activation row 65/16
-# vpdpbusd, where the file's layout takes 5 on 64-byte vectors a quarter padding, plus ten
-# lookups, five blends and the scale and code-sum work, which here happens once per sixteen
-# blocks. One Zen 4 core, 8960x1536 in L3, cycles per block and activation row: n = 1
-# 22.1 -> 10.1, n = 4 12.3 -> 6.0.
-_TQ1_0_ROWS = 16
-_TQ1_0_DIGIT_BYTES = LAYOUTS[Q.TQ1_0].field("qs").size + LAYOUTS[Q.TQ1_0].field("qh").size
-_TQ1_0_WORDS = _TQ1_0_DIGIT_BYTES // 4
-_TQ1_0_GROUP_BYTES = _TQ1_0_ROWS * _TQ1_0_BYTES
-_TQ1_0_GROUP_D = 64 * _TQ1_0_WORDS
-# Activation bytes per block: four codes per word and digit.
-_TQ1_0_WORD_CODES = 4 * 5 * _TQ1_0_WORDS
-# Digit n of every byte value.
+# The ternary formats with 64-byte VNNI: sixteen weight rows interleaved (pack(), once per
+# weight) so that 32-bit lane L of a 64-byte vector belongs to row L. A block is its code bytes
+# (TQ1_0: qs then qh, 52; TQ2_0: qs, 64), four-byte words, then its f16 d. For each group of
+# sixteen rows and each block k the packed bytes are one vector per word (vector w: word w of
+# block k of each row), then the rows' sixteen d: the size of the sixteen blocks. A vector's
+# digits come as 2-bit fields of one or two vectors (TQ2_0: the codes as they are; TQ1_0: two
+# table lookups, _TQ1_0_PACKED_DIGITS), and an and by _FIELDS[i] leaves 4^i times the digit of
+# field i, which meets the activation codes of its word and digit (laid out to match,
+# _row_group_values) as one 4-byte broadcast. Each field has its own chains, whose sums are
+# multiples of 4^i and are divided exactly at the end of the block. Per block and activation
+# row that is 65/16 (TQ1_0) or 64/16 (TQ2_0) vpdpbusd with no padding lanes, and the scale,
+# code-sum and float work happens once per sixteen blocks. One Zen 4 core, 8960x1536 in L3,
+# cycles per block and activation row, file layout -> rows interleaved: TQ1_0 n = 1
+# 22.1 -> 10.1, n = 4 12.3 -> 6.0; TQ2_0 n = 1 11.7 -> 5.8, n = 4 7.5 -> 5.1.
+_ROWS = 16
+_FIELDS = (3, 12, 48, 192)
+_TQ2_0_BYTES = LAYOUTS[Q.TQ2_0].type_size
+# Per format: code bytes (all but the final d) and digits per code byte.
+_TERNARY = {Q.TQ1_0: (52, 5), Q.TQ2_0: (64, 4)}
+for _qtype, (_code_bytes, _) in _TERNARY.items():
+    assert LAYOUTS[_qtype].field("d").offset == _code_bytes == LAYOUTS[_qtype].type_size - 2, _qtype
+# Digit n of every byte value of TQ1_0.
 _TQ1_0_DIGITS = [[(3 * (b * 3**n % 256)) >> 8 for b in range(256)] for n in range(5)]
-# Digits 0..3 of a byte in bits 0-1, 2-3, 4-5, 6-7 of one table's entry, digit 4 alone in
-# another's. An and by _TQ1_0_FIELDS[i] leaves 4^i times digit i, which meets the activation
-# codes as it is: each field has its own chains, whose sums are multiples of 4^i and are
-# divided exactly at the end of the block.
+# Digits 0..3 of a TQ1_0 byte in the four fields of one table's entry, digit 4 alone in another's.
 _TQ1_0_DIGIT_GROUPS = ((0, 1, 2, 3), (4,))
-_TQ1_0_FIELDS = (3, 12, 48, 192)
 _TQ1_0_PACKED_DIGITS = [
     [sum(_TQ1_0_DIGITS[n][b] << 2 * field for field, n in enumerate(digits)) for b in range(256)]
     for digits in _TQ1_0_DIGIT_GROUPS
 ]
 
 
-def _tq1_0_word_values() -> np.ndarray:
+def _row_group_values(qtype) -> np.ndarray:
     """For each activation byte of a block in the row-group kernel's order (word w, digit n,
-    byte j: index 20w + 4n + j), the block value it holds, or -1 for the qh bytes' fifth digit,
-    which is always 0 and meets a zero code."""
-    qs_bytes = LAYOUTS[Q.TQ1_0].field("qs").size
-    values = np.empty(_TQ1_0_WORD_CODES, dtype=np.int64)
-    for w in range(_TQ1_0_WORDS):
-        for n in range(5):
-            for j in range(4):
-                m = 4 * w + j
-                if m < 32:
-                    value = 32 * n + m
-                elif m < qs_bytes:
-                    value = 160 + 16 * n + m - 32
-                else:
-                    value = 240 + 4 * n + m - qs_bytes if n < 4 else -1
-                values[20 * w + 4 * n + j] = value
+    byte j: index 4 (digits_per_byte w + n) + j), the block value it holds, or -1 for TQ1_0's
+    qh bytes' fifth digit, which is always 0 and meets a zero code."""
+    code_bytes, digits = _TERNARY[qtype]
+    values = np.empty(code_bytes * digits, dtype=np.int64)
+    for m in range(code_bytes):
+        w, j = divmod(m, 4)
+        for n in range(digits):
+            if qtype == Q.TQ2_0:
+                value = 128 * (m // 32) + 32 * n + m % 32
+            elif m < 32:
+                value = 32 * n + m
+            elif m < 48:
+                value = 160 + 16 * n + m - 32
+            else:
+                value = 240 + 4 * n + m - 48 if n < 4 else -1
+            values[4 * (digits * w + n) + j] = value
     return values
 
 
-_TQ1_0_WORD_VALUES = _tq1_0_word_values()
+_TQ1_0_WORD_VALUES, _TQ2_0_WORD_VALUES = _row_group_values(Q.TQ1_0), _row_group_values(Q.TQ2_0)
 
 
 def _broadcast(builder, scalar, count):
@@ -875,7 +878,7 @@ def _masked_lookups(builder, index, high, low, quarters):
     vpermi2b with merge masking into the index register, the high half's lookup where the top
     bit is set, then the low half's where it is clear (its index bytes still in place). Inline
     assembly, for LLVM blends two unmasked lookups instead: one Zen 4 core, 11.7 -> 10.1
-    cycles per block."""
+    cycles per TQ1_0 block."""
     bytes64, mask = _vector(_I8, 64), _vector(ir.IntType(1), 64)
     lookups = ir.FunctionType(bytes64, [bytes64, mask, mask] + [bytes64] * 4)
     return builder.asm(
@@ -887,52 +890,72 @@ def _masked_lookups(builder, index, high, low, quarters):
     )
 
 
-def _tq1_0_row_group_codegen(builder, block, rows, count, acc, vnni):
-    """Block k of sixteen interleaved rows against `count` activation rows: acc[16t + L] gets
-    d_L * d_x * ((q_L - 1) . codes) for row L of the group."""
-    bytes64, words16 = _vector(_I8, 64), _vector(_I32, 16)
+def _tq1_0_packed_digits(builder, word, count):
+    """(vector of packed digits, the digits in its fields) pairs for a vector of TQ1_0 code
+    bytes."""
+    bytes64 = _vector(_I8, 64)
     lookup = _function(builder, "llvm.x86.avx512.vpermi2var.qi.512", bytes64, [bytes64] * 3)
-    dot = _function(builder, "llvm.x86.avx512.vpdpbusd.512", words16, [words16] * 3)
-    # Integer sums are exact in any order; one row has two chains per field, to hide
-    # vpdpbusd's latency.
-    per_field = 2 if count == 1 else 1
-    chains = [[[ir.Constant(words16, None)] * per_field for _ in _TQ1_0_FIELDS] for _ in range(count)]
-    for w in range(_TQ1_0_WORDS):
-        digit_bytes = _load(builder, block, 64 * w, _I8, 64)
-        high = builder.icmp_signed("<", digit_bytes, _splat(_I8, 64, 0))
-        for table, digits in zip(_TQ1_0_PACKED_DIGITS, _TQ1_0_DIGIT_GROUPS):
-            quarters = [ir.Constant(bytes64, table[64 * q : 64 * q + 64]) for q in range(4)]
-            if count == 1:
-                packed = _masked_lookups(builder, digit_bytes, high, builder.not_(high), quarters)
-            else:
-                # A tile's sixteen chains fill the registers, and LLVM's blend spills less
-                # there: 6.0 against 6.4 cycles per block and row.
-                low_half = builder.call(lookup, [quarters[0], digit_bytes, quarters[1]])
-                high_half = builder.call(lookup, [quarters[2], digit_bytes, quarters[3]])
-                packed = builder.select(high, high_half, low_half)
-            for field, n in enumerate(digits):
-                if len(digits) > 1:
-                    digit = builder.bitcast(builder.and_(packed, _splat(_I8, 64, _TQ1_0_FIELDS[field])), words16)
-                else:
-                    digit = builder.bitcast(packed, words16)
-                for t in range(count):
-                    word = _address(builder, rows.codes_at(t), 20 * w + 4 * n)
-                    codes = _broadcast(builder, builder.load(builder.bitcast(word, _I32.as_pointer()), align=1), 16)
-                    chain = chains[t][field]
-                    chain[w % per_field] = builder.call(dot, [chain[w % per_field], digit, codes])
-    halves = builder.bitcast(_address(builder, block, _TQ1_0_GROUP_D), _vector(ir.HalfType(), 16).as_pointer())
-    d = builder.fpext(builder.load(halves, align=1), _vector(_F32, 16))
-    fma = _function(builder, "llvm.fma.v16f32", _vector(_F32, 16), [_vector(_F32, 16)] * 3)
-    for t in range(count):
-        total = _broadcast(builder, builder.load(builder.bitcast(rows.sums_at(t), _I32.as_pointer())), 16)
-        total = builder.sub(ir.Constant(words16, None), total)
-        for field, field_chains in enumerate(chains[t]):
-            lanes = field_chains[0] if per_field == 1 else builder.add(*field_chains)
-            total = builder.add(total, builder.ashr(lanes, _splat(_I32, 16, 2 * field)))
-        scales = builder.fmul(d, _broadcast(builder, rows.scale(t), 16))
-        pointer = builder.bitcast(_acc_at(builder, acc, 16 * t), _vector(_F32, 16).as_pointer())
-        total = builder.sitofp(total, _vector(_F32, 16))
-        builder.store(builder.call(fma, [scales, total, builder.load(pointer, align=4)]), pointer, align=4)
+    high = builder.icmp_signed("<", word, _splat(_I8, 64, 0))
+    groups = []
+    for table, digits in zip(_TQ1_0_PACKED_DIGITS, _TQ1_0_DIGIT_GROUPS):
+        quarters = [ir.Constant(bytes64, table[64 * q : 64 * q + 64]) for q in range(4)]
+        if count == 1:
+            packed = _masked_lookups(builder, word, high, builder.not_(high), quarters)
+        else:
+            # A tile's sixteen chains fill the registers, and LLVM's blend spills less there:
+            # 6.0 against 6.4 cycles per block and row.
+            low_half = builder.call(lookup, [quarters[0], word, quarters[1]])
+            high_half = builder.call(lookup, [quarters[2], word, quarters[3]])
+            packed = builder.select(high, high_half, low_half)
+        groups.append((packed, digits))
+    return groups
+
+
+def _row_group_codegen(qtype):
+    code_bytes, digits_per_byte = _TERNARY[qtype]
+    words = code_bytes // 4
+
+    def codegen(builder, block, rows, count, acc, vnni):
+        """Block k of sixteen interleaved rows against `count` activation rows: acc[16t + L]
+        gets d_L * d_x * ((q_L - 1) . codes) for row L of the group."""
+        words16 = _vector(_I32, 16)
+        dot = _function(builder, "llvm.x86.avx512.vpdpbusd.512", words16, [words16] * 3)
+        # Integer sums are exact in any order; one row has two chains per field, to hide
+        # vpdpbusd's latency.
+        per_field = 2 if count == 1 else 1
+        chains = [[[ir.Constant(words16, None)] * per_field for _ in _FIELDS] for _ in range(count)]
+        for w in range(words):
+            word = _load(builder, block, 64 * w, _I8, 64)
+            groups = _tq1_0_packed_digits(builder, word, count) if qtype == Q.TQ1_0 else [(word, (0, 1, 2, 3))]
+            for packed, digits in groups:
+                for field, n in enumerate(digits):
+                    if len(digits) > 1:
+                        digit = builder.and_(packed, _splat(_I8, 64, _FIELDS[field]))
+                    else:
+                        digit = packed
+                    digit = builder.bitcast(digit, words16)
+                    for t in range(count):
+                        address = _address(builder, rows.codes_at(t), 4 * (digits_per_byte * w + n))
+                        codes = _broadcast(
+                            builder, builder.load(builder.bitcast(address, _I32.as_pointer()), align=1), 16
+                        )
+                        chain = chains[t][field]
+                        chain[w % per_field] = builder.call(dot, [chain[w % per_field], digit, codes])
+        halves = builder.bitcast(_address(builder, block, 64 * words), _vector(ir.HalfType(), 16).as_pointer())
+        d = builder.fpext(builder.load(halves, align=1), _vector(_F32, 16))
+        fma = _function(builder, "llvm.fma.v16f32", _vector(_F32, 16), [_vector(_F32, 16)] * 3)
+        for t in range(count):
+            total = _broadcast(builder, builder.load(builder.bitcast(rows.sums_at(t), _I32.as_pointer())), 16)
+            total = builder.sub(ir.Constant(words16, None), total)
+            for field, field_chains in enumerate(chains[t]):
+                lanes = field_chains[0] if per_field == 1 else builder.add(*field_chains)
+                total = builder.add(total, builder.ashr(lanes, _splat(_I32, 16, 2 * field)))
+            scales = builder.fmul(d, _broadcast(builder, rows.scale(t), 16))
+            pointer = builder.bitcast(_acc_at(builder, acc, 16 * t), _vector(_F32, 16).as_pointer())
+            total = builder.sitofp(total, _vector(_F32, 16))
+            builder.store(builder.call(fma, [scales, total, builder.load(pointer, align=4)]), pointer, align=4)
+
+    return codegen
 
 
 (
@@ -950,7 +973,8 @@ def _tq1_0_row_group_codegen(builder, block, rows, count, acc, vnni):
     _Q5_1,
     _TQ1_0,
     _TQ1_0_ROW_GROUPS,
-) = range(14)
+    _TQ2_0_ROW_GROUPS,
+) = range(15)
 
 
 def _format(qtype, lanes, codegen):
@@ -987,11 +1011,18 @@ _FORMATS = {
     ),
     # A "block" is block k of sixteen interleaved rows; its activation bytes have one code sum.
     _TQ1_0_ROW_GROUPS: (
-        _TQ1_0_GROUP_BYTES,
-        _TQ1_0_WORD_CODES,
-        _TQ1_0_WORD_CODES,
-        _TQ1_0_ROWS,
-        _tq1_0_row_group_codegen,
+        _ROWS * _TQ1_0_BYTES,
+        len(_TQ1_0_WORD_VALUES),
+        len(_TQ1_0_WORD_VALUES),
+        _ROWS,
+        _row_group_codegen(Q.TQ1_0),
+    ),
+    _TQ2_0_ROW_GROUPS: (
+        _ROWS * _TQ2_0_BYTES,
+        len(_TQ2_0_WORD_VALUES),
+        len(_TQ2_0_WORD_VALUES),
+        _ROWS,
+        _row_group_codegen(Q.TQ2_0),
     ),
 }
 _BLOCK_BYTES = tuple(_FORMATS[kind][0] for kind in range(len(_FORMATS)))
@@ -1036,7 +1067,7 @@ def _finish(kind, acc, lane):
         return total - shifted
     if kind == _Q4_1 or kind == _Q5_1:
         return total + acc[lane + 8]
-    if kind == _TQ1_0:
+    if kind == _TQ1_0 or kind == _TQ2_0:
         return acc[lane]
     return total
 
@@ -1221,74 +1252,84 @@ def products_tq1_0(raw, X, out):
 
 
 @njit(cache=True, nogil=True)
-def _tq1_0_word_activations(codes, sums, values):
-    """Q8_K activation codes laid out for _tq1_0_row_group_codegen (`values`: _TQ1_0_WORD_VALUES),
+def _row_group_activations(codes, sums, values):
+    """Q8_K activation codes laid out for _row_group_codegen (`values`: _row_group_values),
     and each block's code sum."""
     n, cols = codes.shape
     blocks = cols // Q8_K_BLOCK
+    per_block = values.shape[0]
     groups = Q8_K_BLOCK // Q8_K_SUM_GROUP
-    laid_out = np.zeros((n, blocks * _TQ1_0_WORD_CODES), dtype=np.int8)
+    laid_out = np.zeros((n, blocks * per_block), dtype=np.int8)
     block_sums = np.zeros((n, blocks), dtype=np.int32)
     for i in range(n):
         for b in range(blocks):
-            for p in range(_TQ1_0_WORD_CODES):
+            for p in range(per_block):
                 if values[p] >= 0:
-                    laid_out[i, _TQ1_0_WORD_CODES * b + p] = codes[i, Q8_K_BLOCK * b + values[p]]
+                    laid_out[i, per_block * b + p] = codes[i, Q8_K_BLOCK * b + values[p]]
             for g in range(groups):
                 block_sums[i, b] += sums[i, groups * b + g]
     return laid_out, block_sums
 
 
 @njit(cache=True, nogil=True, parallel=True)
-def _row_group_products(packed, codes, block_sums, scales, out):
-    """out[i, r] = weight row r . activation row i, for TQ1_0 rows interleaved by sixteen
-    (pack()): a group of sixteen rows is the parallel work item, and each tile of activation
-    rows passes once over its blocks."""
+def _row_group_products(packed, codes, block_sums, scales, out, kind):
+    """out[i, r] = weight row r . activation row i, for rows interleaved by sixteen (pack(),
+    `kind` a compile-time constant): a group of sixteen rows is the parallel work item, and
+    each tile of activation rows passes once over its blocks."""
+    literally(kind)
+    group_bytes = _BLOCK_BYTES[kind]
     n = codes.shape[0]
     rows = out.shape[1]
     groups, group_row_bytes = packed.shape
-    n_blocks = group_row_bytes // _TQ1_0_GROUP_BYTES
+    n_blocks = group_row_bytes // group_bytes
     tiled = n - n % _TILE
     rest = n - tiled
     for g in prange(groups):
         acc = stack_pointer(64)  # 16 lanes for each of the _TILE rows
-        weights = (data_pointer(packed), g * group_row_bytes, n_blocks)
+        weights = (data_pointer(packed), g * group_row_bytes, group_bytes, n_blocks)
         activations = (data_pointer(codes), data_pointer(block_sums), data_pointer(scales))
-        group_rows = (_TQ1_0_ROWS * g, min(rows, _TQ1_0_ROWS * (g + 1)))
+        group_rows = (_ROWS * g, min(rows, _ROWS * (g + 1)))
         for first in range(0, tiled, _TILE):
-            _row_group_tile(_TILE, weights, activations, acc, first, group_rows, out)
+            _row_group_tile(kind, _TILE, weights, activations, acc, first, group_rows, out)
         if rest == 3:
-            _row_group_tile(3, weights, activations, acc, tiled, group_rows, out)
+            _row_group_tile(kind, 3, weights, activations, acc, tiled, group_rows, out)
         elif rest == 2:
-            _row_group_tile(2, weights, activations, acc, tiled, group_rows, out)
+            _row_group_tile(kind, 2, weights, activations, acc, tiled, group_rows, out)
         elif rest == 1:
-            _row_group_tile(1, weights, activations, acc, tiled, group_rows, out)
+            _row_group_tile(kind, 1, weights, activations, acc, tiled, group_rows, out)
 
 
 @njit(nogil=True, inline="always")
-def _row_group_tile(count, weights, activations, acc, first, group_rows, out):
-    p, start, n_blocks = weights
+def _row_group_tile(kind, count, weights, activations, acc, first, group_rows, out):
+    p, start, group_bytes, n_blocks = weights
     qp, sp, xp = activations
-    for lane in range(_TQ1_0_ROWS * count):
+    for lane in range(_ROWS * count):
         acc[lane] = 0.0
     for k in range(n_blocks):
-        _dot_blocks(_TQ1_0_ROW_GROUPS, count, p, start + k * _TQ1_0_GROUP_BYTES, qp, sp, xp, first, n_blocks, k, acc)
+        _dot_blocks(kind, count, p, start + k * group_bytes, qp, sp, xp, first, n_blocks, k, acc)
     for t in range(count):
         for r in range(group_rows[0], group_rows[1]):
-            out[first + t, r] = acc[_TQ1_0_ROWS * t + r - group_rows[0]]
+            out[first + t, r] = acc[_ROWS * t + r - group_rows[0]]
 
 
 @njit(cache=True, nogil=True)
 def products_tq1_0_row_groups(packed, X, out):
     codes, scales, sums = codes_of(X, Q8_K_BLOCK, np.int16)
-    laid_out, block_sums = _tq1_0_word_activations(codes, sums, _TQ1_0_WORD_VALUES)
-    _row_group_products(packed, laid_out, block_sums, scales, out)
+    laid_out, block_sums = _row_group_activations(codes, sums, _TQ1_0_WORD_VALUES)
+    _row_group_products(packed, laid_out, block_sums, scales, out, _TQ1_0_ROW_GROUPS)
 
 
 @njit(cache=True, nogil=True)
 def products_tq2_0(raw, X, out):
     codes, scales, sums = codes_of(X, Q8_K_BLOCK, np.int16)
     _products(raw, codes, scales, sums, out, _TQ2_0)
+
+
+@njit(cache=True, nogil=True)
+def products_tq2_0_row_groups(packed, X, out):
+    codes, scales, sums = codes_of(X, Q8_K_BLOCK, np.int16)
+    laid_out, block_sums = _row_group_activations(codes, sums, _TQ2_0_WORD_VALUES)
+    _row_group_products(packed, laid_out, block_sums, scales, out, _TQ2_0_ROW_GROUPS)
 
 
 _Q4_K_NIBBLES = LAYOUTS[Q.Q4_K].field("qs").offset
@@ -1370,29 +1411,26 @@ def _repack(raw, kind, block_bytes, order):
     return packed
 
 
-_TQ1_0_QH = LAYOUTS[Q.TQ1_0].field("qh").offset
-
-
 @njit(cache=True, nogil=True, parallel=True)
-def _interleave_rows(raw):
-    """TQ1_0 rows in _tq1_0_row_group_codegen's layout: per group of sixteen rows (the last
-    one padded with zero blocks) and block, word w of the sixteen blocks' digit bytes in
-    vector w, then their d."""
+def _interleave_rows(raw, block_bytes):
+    """Ternary rows in _row_group_codegen's layout: per group of sixteen rows (the last one
+    padded with zero blocks) and block, word w of the sixteen blocks' code bytes in vector w,
+    then their d (a block's last two bytes)."""
     rows, row_bytes = raw.shape
-    n_blocks = row_bytes // _TQ1_0_BYTES
-    groups = (rows + _TQ1_0_ROWS - 1) // _TQ1_0_ROWS
-    packed = np.zeros((groups, n_blocks * _TQ1_0_GROUP_BYTES), dtype=np.uint8)
+    n_blocks = row_bytes // block_bytes
+    code_bytes = block_bytes - 2
+    groups = (rows + _ROWS - 1) // _ROWS
+    packed = np.zeros((groups, n_blocks * _ROWS * block_bytes), dtype=np.uint8)
     for g in prange(groups):
-        for lane in range(min(_TQ1_0_ROWS, rows - _TQ1_0_ROWS * g)):
-            r = _TQ1_0_ROWS * g + lane
+        for lane in range(min(_ROWS, rows - _ROWS * g)):
+            r = _ROWS * g + lane
             for k in range(n_blocks):
-                source = k * _TQ1_0_BYTES
-                target = k * _TQ1_0_GROUP_BYTES
-                for m in range(_TQ1_0_DIGIT_BYTES):
-                    at = _TQ1_0_QS + m if m < _TQ1_0_QH - _TQ1_0_QS else _TQ1_0_QH + m - (_TQ1_0_QH - _TQ1_0_QS)
-                    packed[g, target + 64 * (m // 4) + 4 * lane + m % 4] = raw[r, source + at]
+                source = k * block_bytes
+                target = k * _ROWS * block_bytes
+                for m in range(code_bytes):
+                    packed[g, target + 64 * (m // 4) + 4 * lane + m % 4] = raw[r, source + m]
                 for b in range(2):
-                    packed[g, target + _TQ1_0_GROUP_D + 2 * lane + b] = raw[r, source + _TQ1_0_D + b]
+                    packed[g, target + _ROWS * code_bytes + 2 * lane + b] = raw[r, source + code_bytes + b]
     return packed
 
 
@@ -1403,10 +1441,10 @@ _PACKED = {Q.Q4_K: (_PACKED_Q4_K, _LANES_32), Q.Q5_K: (_PACKED_Q5_K, _LANES_32),
 def pack(qtype, raw: np.ndarray) -> np.ndarray:
     """`raw` (2-D uint8 rows of `qtype` blocks, as in the file) in the layout this module's
     kernel for `qtype` reads, read-only: a repacked copy for Q4_K, Q5_K and Q6_K, and for
-    TQ1_0 where the host has AVX-512 VBMI (rows interleaved by sixteen, in ceil(rows / 16)
-    packed rows); `raw` itself for every other format."""
-    if qtype == Q.TQ1_0 and HAS_VBMI:
-        packed = _interleave_rows(raw)
+    TQ1_0 and TQ2_0 where the host has their row-interleaved kernels (rows interleaved by
+    sixteen, in ceil(rows / 16) packed rows); `raw` itself for every other format."""
+    if qtype in _ROW_GROUP_KERNELS:
+        packed = _interleave_rows(raw, LAYOUTS[qtype].type_size)
         packed.flags.writeable = False
         return packed
     if qtype not in _PACKED:
@@ -1416,6 +1454,14 @@ def pack(qtype, raw: np.ndarray) -> np.ndarray:
     packed.flags.writeable = False
     return packed
 
+
+# The ternary formats' rows interleaved by sixteen: TQ2_0 wherever vpdpbusd takes 64-byte
+# vectors, TQ1_0 where vpermi2b also looks its digits up; the file's blocks elsewhere.
+_ROW_GROUP_KERNELS = {}
+if HAS_VNNI_512:
+    _ROW_GROUP_KERNELS[Q.TQ2_0] = products_tq2_0_row_groups
+if HAS_VBMI:
+    _ROW_GROUP_KERNELS[Q.TQ1_0] = products_tq1_0_row_groups
 
 # products(raw, X float32[n, cols], out float32[n, rows]), raw in pack()'s layout: X rounded to
 # 8-bit codes (activations.codes_of, ggml's Q8_0 / Q8_1 / Q8_K for the format) and multiplied,
@@ -1432,7 +1478,6 @@ KERNELS = {
     Q.Q4_K: products_q4_k,
     Q.Q5_K: products_q5_k,
     Q.Q6_K: products_q6_k,
-    # Rows interleaved where vpermi2b looks the digits up, the file's blocks elsewhere.
-    Q.TQ1_0: products_tq1_0_row_groups if HAS_VBMI else products_tq1_0,
-    Q.TQ2_0: products_tq2_0,
+    Q.TQ1_0: _ROW_GROUP_KERNELS.get(Q.TQ1_0, products_tq1_0),
+    Q.TQ2_0: _ROW_GROUP_KERNELS.get(Q.TQ2_0, products_tq2_0),
 }
