@@ -115,57 +115,80 @@ def test_each_row_of_a_batch_is_bit_identical_to_the_row_alone(qtype):
 
 
 # Numba compiles for these features instead of the host's: AVX2 and F16C, no AVX-512 or VNNI.
-HASWELL = {
-    "NUMBA_CPU_NAME": "haswell",
-    "NUMBA_CPU_FEATURES": "+64bit,+avx,+avx2,+bmi,+bmi2,+cmov,+cx16,+cx8,+f16c,+fma,+fsgsbase,+fxsr,+lzcnt,"
-    "+mmx,+movbe,+pclmul,+popcnt,+rdrnd,+sahf,+sse,+sse2,+sse3,+sse4.1,+sse4.2,+ssse3,+xsave,+xsaveopt",
+HASWELL_FEATURES = (
+    "+64bit,+avx,+avx2,+bmi,+bmi2,+cmov,+cx16,+cx8,+f16c,+fma,+fsgsbase,+fxsr,+lzcnt,"
+    "+mmx,+movbe,+pclmul,+popcnt,+rdrnd,+sahf,+sse,+sse2,+sse3,+sse4.1,+sse4.2,+ssse3,+xsave,+xsaveopt"
+)
+OTHER_TARGETS = {
+    # Every format's AVX2 path, as on a host without AVX-512 or VNNI.
+    "avx2": (HASWELL_FEATURES, FORMATS),
+    # vpdpbusd on 32-byte vectors only, as on an AVX-VNNI host (there VEX-encoded, which this
+    # AVX-512 host may not have): the file-layout kernels of the ternary formats, whose rows
+    # are interleaved wherever vpdpbusd takes 64-byte vectors.
+    "vnni-256": (HASWELL_FEATURES + ",+avx512f,+avx512vl,+avx512vnni", [Q.TQ1_0, Q.TQ2_0]),
 }
-_AVX2_PRODUCTS = """
+_OTHER_TARGET_PRODUCTS = """
 import sys
 import numpy as np
 from localllm.kernels.cpu import integer
-assert integer.AVAILABLE and not integer.HAS_VNNI
+assert integer.AVAILABLE and not integer.HAS_VNNI_512
+assert integer.HAS_VNNI == (sys.argv[3] == "vnni-256")
 data = dict(np.load(sys.argv[1]))
 out = {}
-for name, kernel in integer.KERNELS.items():
-    X = data["X"][:, : data[f"{name.name}.cols"][0]].copy()
-    raw = data[f"{name.name}.raw"]
+for name in sys.argv[4:]:
+    qtype = integer.Q[name]
+    X = data["X"][:, : data[f"{name}.cols"][0]].copy()
+    raw = data[f"{name}.raw"]
     raw.flags.writeable = False
-    out[name.name] = np.empty((X.shape[0], raw.shape[0]), dtype=np.float32)
-    kernel(integer.pack(name, raw), X, out[name.name])
+    out[name] = np.empty((X.shape[0], raw.shape[0]), dtype=np.float32)
+    integer.KERNELS[qtype](integer.pack(qtype, raw), X, out[name])
 np.savez(sys.argv[2], **out)
 """
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not integer.HAS_VNNI, reason="this host has no VNNI (AVX-512 VNNI or AVX-VNNI): one path only")
-def test_vnni_kernels_equal_the_avx2_kernels_bit_for_bit(tmp_path):
+@pytest.mark.parametrize(
+    "target",
+    [
+        pytest.param(
+            "avx2", marks=pytest.mark.skipif(not integer.HAS_VNNI, reason="this host's kernels are the AVX2 ones")
+        ),
+        pytest.param(
+            "vnni-256",
+            marks=pytest.mark.skipif(not integer.HAS_VNNI_512, reason="this host's kernels are the 32-byte VNNI ones"),
+        ),
+    ],
+)
+def test_this_hosts_kernels_equal_other_hosts_kernels_bit_for_bit(tmp_path, target):
     """The VNNI kernels (vpdpbusd, vpdpwssd) add the same integers into the same lanes as the
-    AVX2 ones (vpmaddubsw, vpmaddwd), so the products are identical. The AVX2 path runs in a
-    process whose Numba targets Haswell, as on a host without AVX-512; a tile of four, one of
-    three and one of two (n = 9) and a single row."""
+    AVX2 ones (vpmaddubsw, vpmaddwd), and the ternary formats' row-interleaved kernels meet each
+    block's integer total with the same multiply-add as their file-layout kernels, so the
+    products are identical. The other host's kernels run in a process whose Numba targets its
+    features; a tile of four, one of three and one of two (n = 9) and a single row."""
+    features, formats = OTHER_TARGETS[target]
     data = {"X": random_activations(9, 1024, seed=21)}
-    for qtype in FORMATS:
+    for qtype in formats:
         block = GGML_QUANT_SIZES[qtype][0]
         weight = random_weight(qtype, rows=29, blocks_per_row=4 * 256 // block, seed=qtype.value)
         data[f"{qtype.name}.raw"], data[f"{qtype.name}.cols"] = weight.raw, np.array([weight.shape[1]])
     np.savez(tmp_path / "in.npz", **data)
-    env = dict(os.environ, **HASWELL)
+    env = dict(os.environ, NUMBA_CPU_NAME="haswell", NUMBA_CPU_FEATURES=features)
     subprocess.run(
-        [sys.executable, "-c", _AVX2_PRODUCTS, str(tmp_path / "in.npz"), str(tmp_path / "out.npz")],
+        [sys.executable, "-c", _OTHER_TARGET_PRODUCTS, str(tmp_path / "in.npz"), str(tmp_path / "out.npz"), target]
+        + [qtype.name for qtype in formats],
         env=env,
         check=True,
         timeout=900,
     )
-    avx2 = np.load(tmp_path / "out.npz")
-    for qtype in FORMATS:
+    other = np.load(tmp_path / "out.npz")
+    for qtype in formats:
         raw = data[f"{qtype.name}.raw"]
         raw.flags.writeable = False
         for rows in (slice(0, 9), slice(4, 5)):
             X = np.ascontiguousarray(data["X"][rows, : data[f"{qtype.name}.cols"][0]])
-            vnni = np.empty((X.shape[0], raw.shape[0]), dtype=np.float32)
-            integer.KERNELS[qtype](integer.pack(qtype, raw), X, vnni)
-            np.testing.assert_array_equal(vnni, avx2[qtype.name][rows], err_msg=qtype.name)
+            here = np.empty((X.shape[0], raw.shape[0]), dtype=np.float32)
+            integer.KERNELS[qtype](integer.pack(qtype, raw), X, here)
+            np.testing.assert_array_equal(here, other[qtype.name][rows], err_msg=qtype.name)
 
 
 @needs_avx2

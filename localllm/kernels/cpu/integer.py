@@ -694,7 +694,7 @@ def _codes_with_minimum(builder, block, rows, count, acc, vnni, qtype, bits_at, 
 # total as one integer, as the row-interleaved kernel (below, with TQ1_0's) computes it.
 
 
-_TQ2_0_QS, _TQ2_0_D = LAYOUTS[Q.TQ2_0].offsets("qs", "d")
+_TQ2_0_QS = LAYOUTS[Q.TQ2_0].field("qs").offset
 
 
 def _tq2_0_codegen(builder, block, rows, count, acc, vnni):
@@ -752,7 +752,7 @@ def _tq2_0_codegen(builder, block, rows, count, acc, vnni):
 # computed (_tq1_0_codegen). Both add each block's total as one integer and meet it with one
 # float multiply-add per row and block, so they give the same floats.
 _TQ1_0_BYTES = LAYOUTS[Q.TQ1_0].type_size
-_TQ1_0_QS, _TQ1_0_D = LAYOUTS[Q.TQ1_0].offsets("qs", "d")
+_TQ1_0_QS = LAYOUTS[Q.TQ1_0].field("qs").offset
 # The file's kernel reads bytes 0..31 and 22..53 (the last 32 bytes of the block), and
 # _tq1_0_activations lays each block's activation codes out as ten 32-byte vectors to match:
 # for each digit n, digit n of the first, then of the second (zeros against bytes 22..31 and the
