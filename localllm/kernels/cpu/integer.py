@@ -115,6 +115,12 @@ def _pick(builder, vector, lanes):
     return builder.shuffle_vector(vector, vector, ir.Constant(_vector(_I32, len(lanes)), list(lanes)))
 
 
+def _broadcast(builder, scalar, count):
+    """`scalar` (an i32 or a float) in all `count` lanes."""
+    vector = _vector(scalar.type, count)
+    return _pick(builder, builder.insert_element(ir.Constant(vector, None), scalar, ir.Constant(_I32, 0)), [0] * count)
+
+
 def _function(builder, name, result, arguments):
     return cgutils.get_or_insert_function(builder.module, ir.FunctionType(result, arguments), name)
 
@@ -167,11 +173,7 @@ def _signed_operands(builder, weights, activations):
 def _accumulate(builder, acc_pointer, scale, integer_sums):
     """acc[0:8] += scale * float(integer_sums), scale a float32 scalar or <8 x float>."""
     pointer = builder.bitcast(acc_pointer, _vector(_F32, 8).as_pointer())
-    if isinstance(scale.type, ir.VectorType):
-        scales = scale
-    else:
-        scales = builder.insert_element(ir.Constant(_vector(_F32, 8), None), scale, ir.Constant(_I32, 0))
-        scales = _pick(builder, scales, [0] * 8)
+    scales = scale if isinstance(scale.type, ir.VectorType) else _broadcast(builder, scale, 8)
     fma = _function(builder, "llvm.fma.v8f32", _vector(_F32, 8), [_vector(_F32, 8)] * 3)
     total = builder.call(fma, [scales, builder.sitofp(integer_sums, _vector(_F32, 8)), builder.load(pointer, align=4)])
     builder.store(total, pointer, align=4)
@@ -553,8 +555,7 @@ def _splatted_half(builder, pointer, offset):
 
 def _times_splat(builder, vector, scalar):
     """vector * scalar in every lane (the scalar a load, which LLVM broadcasts from memory)."""
-    splat = builder.insert_element(ir.Constant(_vector(_F32, 8), None), scalar, ir.Constant(_I32, 0))
-    return builder.fmul(vector, _pick(builder, splat, [0] * 8))
+    return builder.fmul(vector, _broadcast(builder, scalar, 8))
 
 
 def _fifth_bit_values(builder, block, bits_at):
@@ -828,11 +829,10 @@ def _tq1_0_codegen(builder, block, rows, count, acc, vnni):
 # 22.1 -> 10.1, n = 4 12.3 -> 6.0; TQ2_0 n = 1 11.7 -> 5.8, n = 4 7.5 -> 5.1.
 _ROWS = 16
 _FIELDS = (3, 12, 48, 192)
-_TQ2_0_BYTES = LAYOUTS[Q.TQ2_0].type_size
-# Per format: code bytes (all but the final d) and digits per code byte.
-_TERNARY = {Q.TQ1_0: (52, 5), Q.TQ2_0: (64, 4)}
+# Per format: code bytes (all before the block's final d) and digits per code byte.
+_TERNARY = {qtype: (LAYOUTS[qtype].field("d").offset, digits) for qtype, digits in ((Q.TQ1_0, 5), (Q.TQ2_0, 4))}
 for _qtype, (_code_bytes, _) in _TERNARY.items():
-    assert LAYOUTS[_qtype].field("d").offset == _code_bytes == LAYOUTS[_qtype].type_size - 2, _qtype
+    assert _code_bytes == LAYOUTS[_qtype].type_size - 2, _qtype
 # Digit n of every byte value of TQ1_0.
 _TQ1_0_DIGITS = [[(3 * (b * 3**n % 256)) >> 8 for b in range(256)] for n in range(5)]
 # Digits 0..3 of a TQ1_0 byte in the four fields of one table's entry, digit 4 alone in another's.
@@ -865,12 +865,6 @@ def _row_group_values(qtype) -> np.ndarray:
 
 
 _TQ1_0_WORD_VALUES, _TQ2_0_WORD_VALUES = _row_group_values(Q.TQ1_0), _row_group_values(Q.TQ2_0)
-
-
-def _broadcast(builder, scalar, count):
-    """`scalar` (an i32 or a float) in all `count` lanes."""
-    vector = _vector(scalar.type, count)
-    return _pick(builder, builder.insert_element(ir.Constant(vector, None), scalar, ir.Constant(_I32, 0)), [0] * count)
 
 
 def _masked_lookups(builder, index, high, low, quarters):
@@ -985,6 +979,12 @@ def _format(qtype, lanes, codegen):
     return layout.type_size, layout.block_size, sum_group, lanes, codegen
 
 
+def _row_group_format(qtype, values):
+    """A row-group kind's entry: a "block" is block k of sixteen interleaved rows, and its
+    activation bytes (`values`, _row_group_values) have one code sum."""
+    return _ROWS * LAYOUTS[qtype].type_size, len(values), len(values), _ROWS, _row_group_codegen(qtype)
+
+
 # Per kind: bytes per block, values per block, values per code sum, acc lanes per activation
 # row, and the block's code generator.
 _FORMATS = {
@@ -1009,21 +1009,8 @@ _FORMATS = {
         8,
         _tq1_0_codegen,
     ),
-    # A "block" is block k of sixteen interleaved rows; its activation bytes have one code sum.
-    _TQ1_0_ROW_GROUPS: (
-        _ROWS * _TQ1_0_BYTES,
-        len(_TQ1_0_WORD_VALUES),
-        len(_TQ1_0_WORD_VALUES),
-        _ROWS,
-        _row_group_codegen(Q.TQ1_0),
-    ),
-    _TQ2_0_ROW_GROUPS: (
-        _ROWS * _TQ2_0_BYTES,
-        len(_TQ2_0_WORD_VALUES),
-        len(_TQ2_0_WORD_VALUES),
-        _ROWS,
-        _row_group_codegen(Q.TQ2_0),
-    ),
+    _TQ1_0_ROW_GROUPS: _row_group_format(Q.TQ1_0, _TQ1_0_WORD_VALUES),
+    _TQ2_0_ROW_GROUPS: _row_group_format(Q.TQ2_0, _TQ2_0_WORD_VALUES),
 }
 _BLOCK_BYTES = tuple(_FORMATS[kind][0] for kind in range(len(_FORMATS)))
 _ACC_LANES = tuple(_FORMATS[kind][3] for kind in range(len(_FORMATS)))

@@ -15,8 +15,8 @@ over output rows with prange):
 integer.py adds, for every block format, one kernel for both products,
 ``products(raw, X, out)``, which rounds X to 8-bit codes and multiplies those; used when
 activations are rounded and the CPU has AVX2. Its raw is in the kernel's own layout,
-``integer.pack(qtype, raw)`` (the K-quants' codes repacked, TQ1_0's rows interleaved; a
-CheckedWeight packs once).
+``integer.pack(qtype, raw)`` (the K-quants' codes repacked, the ternary formats' rows
+interleaved; a CheckedWeight packs once).
 
 Which module serves which format is the `cpu_kernels` entry of localllm.formats.quants.LAYOUTS;
 the tables below are built from it.
