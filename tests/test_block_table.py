@@ -137,7 +137,13 @@ def test_kernel_constants_come_from_the_table():
         assert getattr(kquants, f"_{name}") == kind
         assert kquants._BLOCK_BYTES[kind] == LAYOUTS[Q[name]].type_size
     for kind, (block_bytes, values, sum_group, _, _) in integer._FORMATS.items():
-        if kind in (integer._Q5_0_PAIRS, integer._TQ1_0, integer._TQ1_0_ROW_GROUPS, integer._TQ2_0_ROW_GROUPS):
+        if kind in (
+            integer._Q5_0_PAIRS,
+            integer._TQ1_0,
+            integer._TQ1_0_ROW_GROUPS,
+            integer._TQ2_0_ROW_GROUPS,
+            integer._Q4_K_ROW_GROUPS,
+        ):
             continue
         qtype = next(q for q in integer.KERNELS if getattr(integer, f"_{q.name}", None) == kind)
         assert (block_bytes, values) == (LAYOUTS[qtype].type_size, LAYOUTS[qtype].block_size)
@@ -148,6 +154,8 @@ def test_kernel_constants_come_from_the_table():
     assert integer._FORMATS[integer._TQ1_0_ROW_GROUPS][:3] == (16 * 54, 260, 260)
     # sixteen interleaved blocks; 16 words of codes, four fields, four codes each
     assert integer._FORMATS[integer._TQ2_0_ROW_GROUPS][:3] == (16 * 66, 256, 256)
+    # sixteen interleaved blocks; the activations in their order, one code sum per sub-block
+    assert integer._FORMATS[integer._Q4_K_ROW_GROUPS][:3] == (16 * 144, 256, 32)
 
 
 def _ggml_scale_min_k4(j, q):
