@@ -143,6 +143,7 @@ def test_kernel_constants_come_from_the_table():
             integer._TQ1_0_ROW_GROUPS,
             integer._TQ2_0_ROW_GROUPS,
             integer._Q4_K_ROW_GROUPS,
+            integer._Q6_K_ROW_GROUPS,
         ):
             continue
         qtype = next(q for q in integer.KERNELS if getattr(integer, f"_{q.name}", None) == kind)
@@ -156,6 +157,7 @@ def test_kernel_constants_come_from_the_table():
     assert integer._FORMATS[integer._TQ2_0_ROW_GROUPS][:3] == (16 * 66, 256, 256)
     # sixteen interleaved blocks; the activations in their order, one code sum per sub-block
     assert integer._FORMATS[integer._Q4_K_ROW_GROUPS][:3] == (16 * 144, 256, 32)
+    assert integer._FORMATS[integer._Q6_K_ROW_GROUPS][:3] == (16 * 210, 256, 16)
 
 
 def _ggml_scale_min_k4(j, q):
