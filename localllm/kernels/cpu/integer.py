@@ -1051,7 +1051,10 @@ def _q4_k_row_group_codegen(builder, block, rows, count, acc, vnni):
 # - 32 (scale_2j sum_2j + scale_2j+1 sum_2j+1), the last term in one vpdpwssd. One Zen 4
 # core, 8960x1536 in L3, cycles per block and activation row, repacked rows -> interleaved:
 # n = 1 20.7 -> 16.1, n = 4 10.9 -> 8.5, n = 8 11.0 -> 8.3.
+# Bytes per lane j in a group block (4 nibble vectors, then 2 of high bit pairs).
+_Q6_K_GROUP_LANE_BYTES, _Q6_K_GROUP_HIGH_BITS = 6 * 64, 4 * 64
 _Q6_K_GROUP_SCALES = _ROWS * (LAYOUTS[Q.Q6_K].field("ql").size + LAYOUTS[Q.Q6_K].field("qh").size)
+assert _Q6_K_GROUP_SCALES == 8 * _Q6_K_GROUP_LANE_BYTES
 _Q6_K_GROUP_D = _Q6_K_GROUP_SCALES + _ROWS * LAYOUTS[Q.Q6_K].field("scales").size
 _Q6_K_GROUP_LANES = 8 * _ROWS
 _Q6_K_GROUP_PREFETCH = 2 * _ROWS * LAYOUTS[Q.Q6_K].type_size
@@ -1085,10 +1088,11 @@ def _q6_k_row_group_codegen(builder, block, rows, count, acc, vnni):
     for j in range(8):
         if count > 1:
             _prefetch_lines(builder, block, _Q6_K_GROUP_PREFETCH, range(lines * j // 8, lines * (j + 1) // 8))
-        high = [_load(builder, block, 384 * j + 256 + 64 * h, _I8, 64) for h in range(2)]
+        lane_bytes = _Q6_K_GROUP_LANE_BYTES * j
+        high = [_load(builder, block, lane_bytes + _Q6_K_GROUP_HIGH_BITS + 64 * h, _I8, 64) for h in range(2)]
         values = [[], []]
         for p in range(4):
-            low = _load(builder, block, 384 * j + 64 * p, _I8, 64)
+            low = _load(builder, block, lane_bytes + 64 * p, _I8, 64)
             for h, nibble in enumerate((builder.and_(low, low_nibble), builder.lshr(low, _splat(_I8, 64, 4)))):
                 shift = 4 - 2 * p
                 bits = high[h]
@@ -1545,6 +1549,7 @@ _Q4_K_NIBBLES = LAYOUTS[Q.Q4_K].field("qs").offset
 _Q4_K_D, _Q4_K_DMIN, _Q4_K_SCALES = LAYOUTS[Q.Q4_K].offsets("d", "dmin", "scales")
 _Q4_K_BYTES = LAYOUTS[Q.Q4_K].type_size
 _Q6_K_BYTES, _Q6_K_D = LAYOUTS[Q.Q6_K].type_size, LAYOUTS[Q.Q6_K].field("d").offset
+_Q4_K_SCALE_BYTES, _Q6_K_SCALE_BYTES = (LAYOUTS[qtype].field("scales").size for qtype in (Q.Q4_K, Q.Q6_K))
 _Q5_K_NIBBLES, _Q5_K_BITS = LAYOUTS[Q.Q5_K].offsets("qs", "qh")
 # The repacked K-quants, as `kind` of _repack.
 _PACKED_Q4_K, _PACKED_Q5_K, _PACKED_Q6_K = range(3)
@@ -1646,11 +1651,34 @@ def _interleave_rows(raw, block_bytes):
     return packed
 
 
+@njit(nogil=True, inline="always")
+def _interleave_codes(kind, values, group, target, lane):
+    """One block's codes (`values`, in value order) into lane `lane` of its group block at
+    group[target:], as _q4_k_row_group_codegen or _q6_k_row_group_codegen reads them."""
+    for j in range(8):
+        for p in range(4):
+            for b in range(4):
+                if kind == _PACKED_Q6_K:
+                    low, high = values[16 * j + 4 * p + b], values[128 + 16 * j + 4 * p + b]
+                    at = target + _Q6_K_GROUP_LANE_BYTES * j + 4 * lane + b
+                    group[at + 64 * p] = (low & 15) | ((high & 15) << 4)
+                    group[at + _Q6_K_GROUP_HIGH_BITS] |= (low >> 4) << (2 * p)
+                    group[at + _Q6_K_GROUP_HIGH_BITS + 64] |= (high >> 4) << (2 * p)
+                else:
+                    low, high = values[32 * j + 4 * p + b], values[32 * j + 16 + 4 * p + b]
+                    group[target + 64 * (4 * j + p) + 4 * lane + b] = low | (high << 4)
+
+
 @njit(cache=True, nogil=True, parallel=True)
-def _interleave_q4_k_rows(raw):
-    """Q4_K rows in _q4_k_row_group_codegen's layout, the last group padded with zero blocks."""
+def _interleave_k_quant_rows(raw, kind):
+    """Q4_K or Q6_K rows (`kind` _PACKED_Q4_K or _PACKED_Q6_K) in their row-group kernel's
+    layout, the last group padded with zero blocks."""
+    q6_k = kind == _PACKED_Q6_K
+    block_bytes = _Q6_K_BYTES if q6_k else _Q4_K_BYTES
+    scales_at, scale_bytes = (_Q6_K_SCALES, _Q6_K_SCALE_BYTES) if q6_k else (_Q4_K_SCALES, _Q4_K_SCALE_BYTES)
+    group_scales = _Q6_K_GROUP_SCALES if q6_k else _Q4_K_GROUP_SCALES
+    d_at, group_d = (_Q6_K_D, _Q6_K_GROUP_D) if q6_k else (_Q4_K_D, _Q4_K_GROUP_D)
     rows, row_bytes = raw.shape
-    block_bytes = _Q4_K_BYTES
     n_blocks = row_bytes // block_bytes
     groups = (rows + _ROWS - 1) // _ROWS
     packed = np.zeros((groups, n_blocks * _ROWS * block_bytes), dtype=np.uint8)
@@ -1661,48 +1689,14 @@ def _interleave_q4_k_rows(raw):
             for k in range(n_blocks):
                 source = raw[r, k * block_bytes : (k + 1) * block_bytes]
                 target = k * _ROWS * block_bytes
-                _file_values(_PACKED_Q4_K, source, values)
-                for j in range(8):
-                    for p in range(4):
-                        for b in range(4):
-                            low, high = values[32 * j + 4 * p + b], values[32 * j + 16 + 4 * p + b]
-                            packed[g, target + 64 * (4 * j + p) + 4 * lane + b] = low | (high << 4)
-                for m in range(12):
-                    packed[g, target + _Q4_K_GROUP_SCALES + 64 * (m // 4) + 4 * lane + m % 4] = source[_Q4_K_SCALES + m]
+                _file_values(kind, source, values)
+                _interleave_codes(kind, values, packed[g], target, lane)
+                for m in range(scale_bytes):
+                    packed[g, target + group_scales + 64 * (m // 4) + 4 * lane + m % 4] = source[scales_at + m]
                 for b in range(2):
-                    packed[g, target + _Q4_K_GROUP_D + 2 * lane + b] = source[_Q4_K_D + b]
-                    packed[g, target + _Q4_K_GROUP_D + 2 * _ROWS + 2 * lane + b] = source[_Q4_K_DMIN + b]
-    return packed
-
-
-@njit(cache=True, nogil=True, parallel=True)
-def _interleave_q6_k_rows(raw):
-    """Q6_K rows in _q6_k_row_group_codegen's layout, the last group padded with zero blocks."""
-    rows, row_bytes = raw.shape
-    block_bytes = _Q6_K_BYTES
-    n_blocks = row_bytes // block_bytes
-    groups = (rows + _ROWS - 1) // _ROWS
-    packed = np.zeros((groups, n_blocks * _ROWS * block_bytes), dtype=np.uint8)
-    for g in prange(groups):
-        values = np.empty(Q8_K_BLOCK, dtype=np.uint8)
-        for lane in range(min(_ROWS, rows - _ROWS * g)):
-            r = _ROWS * g + lane
-            for k in range(n_blocks):
-                source = raw[r, k * block_bytes : (k + 1) * block_bytes]
-                target = k * _ROWS * block_bytes
-                _file_values(_PACKED_Q6_K, source, values)
-                for j in range(8):
-                    for p in range(4):
-                        for b in range(4):
-                            low, high = values[16 * j + 4 * p + b], values[128 + 16 * j + 4 * p + b]
-                            at = target + 384 * j + 4 * lane + b
-                            packed[g, at + 64 * p] = (low & 15) | ((high & 15) << 4)
-                            packed[g, at + 256] |= (low >> 4) << (2 * p)
-                            packed[g, at + 320] |= (high >> 4) << (2 * p)
-                for m in range(16):
-                    packed[g, target + _Q6_K_GROUP_SCALES + 64 * (m // 4) + 4 * lane + m % 4] = source[_Q6_K_SCALES + m]
-                for b in range(2):
-                    packed[g, target + _Q6_K_GROUP_D + 2 * lane + b] = source[_Q6_K_D + b]
+                    packed[g, target + group_d + 2 * lane + b] = source[d_at + b]
+                    if not q6_k:  # Q4_K's sixteen dmin follow its sixteen d
+                        packed[g, target + group_d + 2 * _ROWS + 2 * lane + b] = source[_Q4_K_DMIN + b]
     return packed
 
 
@@ -1717,10 +1711,8 @@ def pack(qtype, raw: np.ndarray) -> np.ndarray:
     sixteen, in ceil(rows / 16) packed rows), and so for Q4_K and Q6_K on hosts where vpdpbusd
     takes 64-byte vectors; `raw` itself for every other format."""
     if qtype in _ROW_GROUP_KERNELS:
-        if qtype == Q.Q4_K:
-            packed = _interleave_q4_k_rows(raw)
-        elif qtype == Q.Q6_K:
-            packed = _interleave_q6_k_rows(raw)
+        if qtype in _PACKED:
+            packed = _interleave_k_quant_rows(raw, _PACKED[qtype][0])
         else:
             packed = _interleave_rows(raw, LAYOUTS[qtype].type_size)
         packed.flags.writeable = False
