@@ -910,6 +910,39 @@ def _tq1_0_packed_digits(builder, word, count):
     return groups
 
 
+def _activation_word(builder, rows, t, offset):
+    """Activation row t's four code bytes at `offset` of its block, in all sixteen lanes: one
+    operand of a row-group vpdpbusd."""
+    address = builder.bitcast(_address(builder, rows.codes_at(t), offset), _I32.as_pointer())
+    return _broadcast(builder, builder.load(address, align=1), 16)
+
+
+def _sixteen_halves(builder, block, offset):
+    """The sixteen rows' f16 values at block + offset, as <16 x float>."""
+    pointer = builder.bitcast(_address(builder, block, offset), _vector(ir.HalfType(), 16).as_pointer())
+    return builder.fpext(builder.load(pointer, align=1), _vector(_F32, 16))
+
+
+def _accumulate_rows(builder, acc, lane, scales, product):
+    """acc[lane:lane + 16] = fma(scales, product, acc[lane:lane + 16]), on <16 x float>."""
+    fma = _function(builder, "llvm.fma.v16f32", _vector(_F32, 16), [_vector(_F32, 16)] * 3)
+    pointer = builder.bitcast(_acc_at(builder, acc, lane), _vector(_F32, 16).as_pointer())
+    builder.store(builder.call(fma, [scales, product, builder.load(pointer, align=4)]), pointer, align=4)
+
+
+def _prefetch_sub_block_share(builder, block, qtype, count, j):
+    """For a tile of several activation rows, prefetch the eighth j of the group block two
+    blocks ahead: the file-layout kernels' 2 KB ahead, all lines at once, filled the core's miss
+    buffers in bursts. 8960x1536 Q4_K from the 1.5B's 28 ffn_gate in turn (DRAM, two threads),
+    ms per product: n = 1 0.34 -> 0.25 without prefetching (the hardware's keeps up), n = 4
+    0.45 -> 0.30, n = 16 1.18 -> 1.02; the repacked rows took 0.275, 0.39, 1.45."""
+    if count == 1:
+        return
+    group_bytes = _ROWS * LAYOUTS[qtype].type_size
+    lines = group_bytes // 64
+    _prefetch_lines(builder, block, 2 * group_bytes, range(lines * j // 8, lines * (j + 1) // 8))
+
+
 def _row_group_codegen(qtype):
     code_bytes, digits_per_byte = _TERNARY[qtype]
     words = code_bytes // 4
@@ -934,15 +967,10 @@ def _row_group_codegen(qtype):
                         digit = packed
                     digit = builder.bitcast(digit, words16)
                     for t in range(count):
-                        address = _address(builder, rows.codes_at(t), 4 * (digits_per_byte * w + n))
-                        codes = _broadcast(
-                            builder, builder.load(builder.bitcast(address, _I32.as_pointer()), align=1), 16
-                        )
+                        codes = _activation_word(builder, rows, t, 4 * (digits_per_byte * w + n))
                         chain = chains[t][field]
                         chain[w % per_field] = builder.call(dot, [chain[w % per_field], digit, codes])
-        halves = builder.bitcast(_address(builder, block, 64 * words), _vector(ir.HalfType(), 16).as_pointer())
-        d = builder.fpext(builder.load(halves, align=1), _vector(_F32, 16))
-        fma = _function(builder, "llvm.fma.v16f32", _vector(_F32, 16), [_vector(_F32, 16)] * 3)
+        d = _sixteen_halves(builder, block, 64 * words)
         for t in range(count):
             total = _broadcast(builder, builder.load(builder.bitcast(rows.sums_at(t), _I32.as_pointer())), 16)
             total = builder.sub(ir.Constant(words16, None), total)
@@ -950,9 +978,7 @@ def _row_group_codegen(qtype):
                 lanes = field_chains[0] if per_field == 1 else builder.add(*field_chains)
                 total = builder.add(total, builder.ashr(lanes, _splat(_I32, 16, 2 * field)))
             scales = builder.fmul(d, _broadcast(builder, rows.scale(t), 16))
-            pointer = builder.bitcast(_acc_at(builder, acc, 16 * t), _vector(_F32, 16).as_pointer())
-            total = builder.sitofp(total, _vector(_F32, 16))
-            builder.store(builder.call(fma, [scales, total, builder.load(pointer, align=4)]), pointer, align=4)
+            _accumulate_rows(builder, acc, 16 * t, scales, builder.sitofp(total, _vector(_F32, 16)))
 
     return codegen
 
@@ -972,12 +998,6 @@ _Q4_K_GROUP_SCALES = _ROWS * LAYOUTS[Q.Q4_K].field("qs").size
 _Q4_K_GROUP_D = _Q4_K_GROUP_SCALES + _ROWS * LAYOUTS[Q.Q4_K].field("scales").size
 # Float lanes per activation row: sixteen rows times eight sub-blocks, for scales and for mins.
 _Q4_K_GROUP_LANES = 2 * 8 * _ROWS
-# Two blocks ahead, a sub-block's share of the lines at a time, and only for tiles of several
-# activation rows: the file-layout kernels' 2 KB ahead, all lines at once, filled the core's
-# miss buffers in bursts. 8960x1536 from the 1.5B's 28 ffn_gate in turn (DRAM, two threads),
-# ms per product: n = 1 0.34 -> 0.25 without prefetching (the hardware's keeps up), n = 4
-# 0.45 -> 0.30, n = 16 1.18 -> 1.02; the repacked rows took 0.275, 0.39, 1.45.
-_Q4_K_GROUP_PREFETCH = 2 * _ROWS * LAYOUTS[Q.Q4_K].type_size
 
 
 def _q4_k_row_group_codegen(builder, block, rows, count, acc, vnni):
@@ -986,30 +1006,21 @@ def _q4_k_row_group_codegen(builder, block, rows, count, acc, vnni):
     d_L d_x scale_Lj (q_Lj . codes_j) and acc[256t + 128 + 16j + L] dmin_L d_x min_Lj sum_j."""
     words16 = _vector(_I32, 16)
     dot = _function(builder, "llvm.x86.avx512.vpdpbusd.512", words16, [words16] * 3)
-    fma = _function(builder, "llvm.fma.v16f32", _vector(_F32, 16), [_vector(_F32, 16)] * 3)
     loaded = [_load(builder, block, _Q4_K_GROUP_SCALES + 64 * i, _I8, 64) for i in range(3)]
     packed_scales = k_scales_mins(*(_Bytes(builder, lambda v=v: v) for v in loaded))
     # (scales 0..3, mins 0..3, scales 4..7, mins 4..7): byte j % 4 of row L's lane.
     scale_words = [builder.bitcast(b.value, words16) for b in packed_scales]
 
     def field(quad, j):
-        return builder.and_(
-            builder.lshr(scale_words[quad + 2 * (j // 4)], _splat(_I32, 16, 8 * (j % 4))), _splat(_I32, 16, 255)
-        )
+        return _lane_byte(builder, scale_words[quad + 2 * (j // 4)], j % 4, signed=False)
 
-    def halves(offset):
-        pointer = builder.bitcast(_address(builder, block, offset), _vector(ir.HalfType(), 16).as_pointer())
-        return builder.fpext(builder.load(pointer, align=1), _vector(_F32, 16))
-
-    d, dmin = halves(_Q4_K_GROUP_D), halves(_Q4_K_GROUP_D + 2 * _ROWS)
+    d, dmin = _sixteen_halves(builder, block, _Q4_K_GROUP_D), _sixteen_halves(builder, block, _Q4_K_GROUP_D + 2 * _ROWS)
     x_scales = [_broadcast(builder, rows.scale(t), 16) for t in range(count)]
     d_x = [builder.fmul(d, x) for x in x_scales]
     dmin_x = [builder.fmul(dmin, x) for x in x_scales]
     per_chain = 2 if count == 1 else 1
-    lines = _ROWS * LAYOUTS[Q.Q4_K].type_size // 64
     for j in range(8):
-        if count > 1:
-            _prefetch_lines(builder, block, _Q4_K_GROUP_PREFETCH, range(lines * j // 8, lines * (j + 1) // 8))
+        _prefetch_sub_block_share(builder, block, Q.Q4_K, count, j)
         codes = []
         for p in range(4):
             packed = _load(builder, block, 64 * (4 * j + p), _I8, 64)
@@ -1024,22 +1035,15 @@ def _q4_k_row_group_codegen(builder, block, rows, count, acc, vnni):
         for t in range(count):
             chains = [ir.Constant(words16, None)] * per_chain
             for c, (values, at) in enumerate(codes):
-                word = builder.load(
-                    builder.bitcast(_address(builder, rows.codes_at(t), at), _I32.as_pointer()), align=1
-                )
-                chains[c % per_chain] = builder.call(
-                    dot, [chains[c % per_chain], values, _broadcast(builder, word, 16)]
-                )
+                word = _activation_word(builder, rows, t, at)
+                chains[c % per_chain] = builder.call(dot, [chains[c % per_chain], values, word])
             lanes = chains[0] if per_chain == 1 else builder.add(*chains)
             code_sum = builder.load(builder.gep(rows.sums_at(t), [ir.Constant(_I64, j)]))
             for offset, scales, product in (
                 (16 * j, d_x[t], builder.fmul(builder.sitofp(lanes, _vector(_F32, 16)), scale)),
                 (128 + 16 * j, dmin_x[t], builder.fmul(minimum, _broadcast(builder, code_sum, 16))),
             ):
-                pointer = builder.bitcast(
-                    _acc_at(builder, acc, _Q4_K_GROUP_LANES * t + offset), _vector(_F32, 16).as_pointer()
-                )
-                builder.store(builder.call(fma, [scales, product, builder.load(pointer, align=4)]), pointer, align=4)
+                _accumulate_rows(builder, acc, _Q4_K_GROUP_LANES * t + offset, scales, product)
 
 
 # Q6_K rows interleaved by sixteen, the same way: per group and block, for each lane j (sub-blocks
@@ -1057,12 +1061,12 @@ _Q6_K_GROUP_SCALES = _ROWS * (LAYOUTS[Q.Q6_K].field("ql").size + LAYOUTS[Q.Q6_K]
 assert _Q6_K_GROUP_SCALES == 8 * _Q6_K_GROUP_LANE_BYTES
 _Q6_K_GROUP_D = _Q6_K_GROUP_SCALES + _ROWS * LAYOUTS[Q.Q6_K].field("scales").size
 _Q6_K_GROUP_LANES = 8 * _ROWS
-_Q6_K_GROUP_PREFETCH = 2 * _ROWS * LAYOUTS[Q.Q6_K].type_size
 
 
-def _sign_extended_byte(builder, words, byte):
-    """Byte `byte` of each 32-bit lane of <16 x i32> `words`, sign-extended."""
-    return builder.ashr(builder.shl(words, _splat(_I32, 16, 24 - 8 * byte)), _splat(_I32, 16, 24))
+def _lane_byte(builder, words, byte, signed):
+    """Byte `byte` of each 32-bit lane of <16 x i32> `words`, sign- or zero-extended."""
+    shift = builder.ashr if signed else builder.lshr
+    return shift(builder.shl(words, _splat(_I32, 16, 24 - 8 * byte)), _splat(_I32, 16, 24))
 
 
 def _q6_k_row_group_codegen(builder, block, rows, count, acc, vnni):
@@ -1072,22 +1076,18 @@ def _q6_k_row_group_codegen(builder, block, rows, count, acc, vnni):
     words16 = _vector(_I32, 16)
     dot = _function(builder, "llvm.x86.avx512.vpdpbusd.512", words16, [words16] * 3)
     dot_words = _function(builder, "llvm.x86.avx512.vpdpwssd.512", words16, [words16] * 3)
-    fma = _function(builder, "llvm.fma.v16f32", _vector(_F32, 16), [_vector(_F32, 16)] * 3)
     scale_words = [
         builder.bitcast(_load(builder, block, _Q6_K_GROUP_SCALES + 64 * i, _I8, 64), words16) for i in range(4)
     ]
 
     def scale(sub_block):
-        return _sign_extended_byte(builder, scale_words[sub_block // 4], sub_block % 4)
+        return _lane_byte(builder, scale_words[sub_block // 4], sub_block % 4, signed=True)
 
-    pointer = builder.bitcast(_address(builder, block, _Q6_K_GROUP_D), _vector(ir.HalfType(), 16).as_pointer())
-    d = builder.fpext(builder.load(pointer, align=1), _vector(_F32, 16))
+    d = _sixteen_halves(builder, block, _Q6_K_GROUP_D)
     d_x = [builder.fmul(d, _broadcast(builder, rows.scale(t), 16)) for t in range(count)]
-    lines = _ROWS * LAYOUTS[Q.Q6_K].type_size // 64
     low_nibble, high_bits = _splat(_I8, 64, 15), _splat(_I8, 64, 0x30)
     for j in range(8):
-        if count > 1:
-            _prefetch_lines(builder, block, _Q6_K_GROUP_PREFETCH, range(lines * j // 8, lines * (j + 1) // 8))
+        _prefetch_sub_block_share(builder, block, Q.Q6_K, count, j)
         lane_bytes = _Q6_K_GROUP_LANE_BYTES * j
         high = [_load(builder, block, lane_bytes + _Q6_K_GROUP_HIGH_BITS + 64 * h, _I8, 64) for h in range(2)]
         values = [[], []]
@@ -1116,19 +1116,13 @@ def _q6_k_row_group_codegen(builder, block, rows, count, acc, vnni):
                 chain = ir.Constant(words16, None)
                 for p, value in enumerate(values[h]):
                     at = 128 * h + 16 * j + 4 * p
-                    word = builder.load(
-                        builder.bitcast(_address(builder, rows.codes_at(t), at), _I32.as_pointer()), align=1
-                    )
-                    chain = builder.call(dot, [chain, value, _broadcast(builder, word, 16)])
+                    chain = builder.call(dot, [chain, value, _activation_word(builder, rows, t, at)])
                 scaled = builder.mul(chain, scales[h])
                 total = scaled if total is None else builder.add(total, scaled)
             sums = builder.bitcast(builder.gep(rows.sums_at(t), [ir.Constant(_I64, 2 * j)]), _I32.as_pointer())
             total = builder.call(dot_words, [total, offsets, _broadcast(builder, builder.load(sums, align=2), 16)])
-            target = builder.bitcast(
-                _acc_at(builder, acc, _Q6_K_GROUP_LANES * t + 16 * j), _vector(_F32, 16).as_pointer()
-            )
             product = builder.sitofp(total, _vector(_F32, 16))
-            builder.store(builder.call(fma, [d_x[t], product, builder.load(target, align=4)]), target, align=4)
+            _accumulate_rows(builder, acc, _Q6_K_GROUP_LANES * t + 16 * j, d_x[t], product)
 
 
 (
@@ -1202,6 +1196,8 @@ _FORMATS = {
         _q6_k_row_group_codegen,
     ),
 }
+# Kinds whose code generators prefetch (_prefetch_sub_block_share) instead of _dot_blocks.
+_PREFETCHING_THEMSELVES = (_Q4_K_ROW_GROUPS, _Q6_K_ROW_GROUPS)
 _BLOCK_BYTES = tuple(_FORMATS[kind][0] for kind in range(len(_FORMATS)))
 _ACC_LANES = tuple(_FORMATS[kind][3] for kind in range(len(_FORMATS)))
 # Activation rows per pass over a weight row: each decoded weight block then feeds four rows
@@ -1223,7 +1219,7 @@ def _dot_blocks(typingctx, kind, count, weights, offset, codes, sums, scales, fi
         _, _, w, o, q, sum_pointer, scale_pointer, first_row, blocks, block_index, acc_pointer = arguments
         rows = _Rows(builder, q, sum_pointer, scale_pointer, first_row, blocks, block_index, block_values, sum_group)
         block = builder.gep(w, [o])
-        if kind.literal_value not in (_Q4_K_ROW_GROUPS, _Q6_K_ROW_GROUPS):
+        if kind.literal_value not in _PREFETCHING_THEMSELVES:
             _prefetch_ahead(builder, block, block_bytes)
         generate(builder, block, rows, rows_in_tile, acc_pointer, HAS_VNNI)
         return context.get_dummy_value()
@@ -1232,17 +1228,29 @@ def _dot_blocks(typingctx, kind, count, weights, offset, codes, sums, scales, fi
 
 
 @njit(nogil=True, inline="always")
+def _hsum_8(acc, lane, stride):
+    """acc[lane + stride i] for i = 0..7, summed in the order of ggml's hsum_float_8."""
+    a0, a1, a2, a3 = acc[lane], acc[lane + stride], acc[lane + 2 * stride], acc[lane + 3 * stride]
+    a4, a5, a6, a7 = acc[lane + 4 * stride], acc[lane + 5 * stride], acc[lane + 6 * stride], acc[lane + 7 * stride]
+    return ((a0 + a4) + (a2 + a6)) + ((a1 + a5) + (a3 + a7))
+
+
+@njit(nogil=True, inline="always")
+def _sum_8(acc, lane, stride):
+    """acc[lane + stride i] for i = 0..7, summed in order from zero (the min terms)."""
+    total = np.float32(0.0)
+    for i in range(8):
+        total += acc[lane + stride * i]
+    return total
+
+
+@njit(nogil=True, inline="always")
 def _finish(kind, acc, lane):
     """The product from one activation row's accumulator lanes at acc[lane:], summed in the
     order of ggml's hsum_float_8."""
-    total = ((acc[lane] + acc[lane + 4]) + (acc[lane + 2] + acc[lane + 6])) + (
-        (acc[lane + 1] + acc[lane + 5]) + (acc[lane + 3] + acc[lane + 7])
-    )
+    total = _hsum_8(acc, lane, 1)
     if kind == _Q4_K or kind == _Q5_K or kind == _Q2_K:
-        shifted = np.float32(0.0)
-        for j in range(8):
-            shifted += acc[lane + 8 + j]
-        return total - shifted
+        return total - _sum_8(acc, lane + 8, 1)
     if kind == _Q4_1 or kind == _Q5_1:
         return total + acc[lane + 8]
     if kind == _TQ1_0 or kind == _TQ2_0:
@@ -1495,17 +1503,11 @@ def _row_group_tile(kind, count, weights, activations, acc, first, group_rows, o
 def _row_group_finish(kind, acc, lane):
     """One row's product from its lanes of an activation row's accumulator, for Q4_K and Q6_K
     summed as _finish sums the file-layout kernel's lanes."""
-    if kind != _Q4_K_ROW_GROUPS and kind != _Q6_K_ROW_GROUPS:
-        return acc[lane]
-    a0, a1, a2, a3 = acc[lane], acc[lane + _ROWS], acc[lane + 2 * _ROWS], acc[lane + 3 * _ROWS]
-    a4, a5, a6, a7 = acc[lane + 4 * _ROWS], acc[lane + 5 * _ROWS], acc[lane + 6 * _ROWS], acc[lane + 7 * _ROWS]
-    total = ((a0 + a4) + (a2 + a6)) + ((a1 + a5) + (a3 + a7))
+    if kind == _Q4_K_ROW_GROUPS:
+        return _hsum_8(acc, lane, _ROWS) - _sum_8(acc, lane + 8 * _ROWS, _ROWS)
     if kind == _Q6_K_ROW_GROUPS:
-        return total
-    shifted = np.float32(0.0)
-    for j in range(8):
-        shifted += acc[lane + 8 * _ROWS + _ROWS * j]
-    return total - shifted
+        return _hsum_8(acc, lane, _ROWS)
+    return acc[lane]
 
 
 @njit(cache=True, nogil=True)
