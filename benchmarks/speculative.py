@@ -7,10 +7,12 @@ Run: python benchmarks/speculative.py [--model qwen2.5-coder-1.5b-instruct] [--d
 Every prompt is answered greedily in chat form with EOS banned, so each run generates exactly
 --tokens tokens, by each configuration: plain decoding; prompt lookup and the draft model with
 a fixed draft length (--draft-max every round); and both with the adaptive draft length (up to
-8). Configurations alternate within each prompt so that load on a shared machine falls on all
-of them alike. Speed is generated tokens over the time from the end of the prompt's prefill to
-the last token, so it includes the draft model's own prefill. Every speculative run is checked
-to produce the plain run's tokens.
+8). The draft model keeps its default head (`draft_vocab="auto"`: FR-Spec's frequent tokens,
+where its vocabulary has a shipped table); "draft adapt. full" is the adaptive draft model
+scoring every token, for comparison. Configurations alternate within each prompt so that load
+on a shared machine falls on all of them alike. Speed is generated tokens over the time from
+the end of the prompt's prefill to the last token, so it includes the draft model's own
+prefill. Every speculative run is checked to produce the plain run's tokens.
 
 Where llama.cpp's `llama-speculative` and `llama-lookup` examples are installed (on PATH, or
 given), they run in the same alternation on the same files and chat-rendered prompts, greedy,
@@ -81,6 +83,7 @@ def configurations(model, draft: str, draft_max: int) -> dict[str, dict]:
         f"draft k={draft_max}": {"draft": draft, "draft_max": draft_max, "draft_adaptive": False},
         "lookup adaptive": {"draft": "lookup", "draft_max": 8},
         "draft adaptive": {"draft": draft, "draft_max": 8},
+        "draft adapt. full": {"draft": draft, "draft_max": 8, "draft_vocab": "full"},
     }
 
 

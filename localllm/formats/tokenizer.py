@@ -27,6 +27,8 @@ token_to_piece/detokenize do without space cleanup.
 from __future__ import annotations
 
 import codecs
+import hashlib
+import json
 import logging
 import re
 import threading
@@ -441,6 +443,18 @@ class Tokenizer:
         """The token's text exactly as stored in the GGUF vocabulary."""
         self._check_id(token_id)
         return self._tokens[token_id]
+
+    @cached_property
+    def vocabulary_digest(self) -> str:
+        """sha256 over every token's type and text, in id order: two tokenizers with equal
+        digests give each id the same meaning."""
+        digest = hashlib.sha256(np.ascontiguousarray(self._types, dtype="<i4").tobytes())
+        digest.update(json.dumps(self._tokens, ensure_ascii=False).encode("utf-8", "surrogatepass"))
+        return digest.hexdigest()
+
+    def token_id(self, text: str) -> int | None:
+        """The id of the token whose stored text is `text`, if there is one."""
+        return self._token_to_id.get(text)
 
     def token_type(self, token_id: int) -> TokenType:
         self._check_id(token_id)

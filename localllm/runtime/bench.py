@@ -31,6 +31,7 @@ import numpy as np
 from localllm.errors import InvalidParameterError
 from localllm.kernels import cpu as kernels
 from localllm.kernels.cpu.bandwidth import read_bandwidth
+from localllm.runtime.drafters.frequent_tokens import AUTO
 from localllm.runtime.engine import GenerationStats
 from localllm.runtime.llm import LLM
 from localllm.runtime.profile import OpTimers
@@ -177,6 +178,7 @@ def bench_model(
     draft=None,
     draft_max: int = DEFAULT_DRAFT_MAX,
     device: str = "cpu",
+    draft_vocab: str | os.PathLike = AUTO,
 ) -> list[BenchResult]:
     """Load `model`, measure its first token, then run its pp and tg tests (and with `draft`, the
     speculative tg test)."""
@@ -184,7 +186,8 @@ def bench_model(
     started = time.perf_counter()
     # Speculative rounds can hold a whole draft beyond the last token kept.
     n_ctx = max(n_prompt, n_gen + 1 + (draft_max if draft is not None else 0), 16)
-    llm = LLM(model, n_ctx=n_ctx, threads=threads, draft=draft, draft_max=draft_max, device=device)
+    llm = LLM(model, n_ctx=n_ctx, threads=threads, draft=draft, draft_max=draft_max, draft_vocab=draft_vocab,
+              device=device)  # fmt: skip
     with llm:
         load_seconds = time.perf_counter() - started
         llm.model.forward(llm.tokenize(FIRST_TOKEN_PROMPT), llm.cache)
@@ -271,6 +274,7 @@ def run_bench(
     draft=None,
     draft_max: int = DEFAULT_DRAFT_MAX,
     device: str = "cpu",
+    draft_vocab: str | os.PathLike = AUTO,
 ) -> list[BenchResult]:
     """Every model's pp and tg results, in order, on `device`; host read bandwidth is measured
     once, first, on the CPU only (it bounds no GPU's decoding). Each timed forward ends with
@@ -295,6 +299,6 @@ def run_bench(
         if progress:
             progress(f"benchmarking {model}")
         results += bench_model(
-            model, n_prompt, n_gen, repetitions, threads, bandwidth, profile, draft, draft_max, device
+            model, n_prompt, n_gen, repetitions, threads, bandwidth, profile, draft, draft_max, device, draft_vocab
         )
     return results

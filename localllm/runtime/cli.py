@@ -167,18 +167,26 @@ def _add_draft_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="K",
         help="with --draft: most tokens drafted per round; each round's length is measured to pay (default 8)",
     )
+    parser.add_argument(
+        "--draft-vocab",
+        metavar="auto|full|TABLE",
+        help="with a draft model: its output head scores only the shipped frequent-token table's tokens "
+        "(auto, the default, where its vocabulary has one), every token (full), or a table file's",
+    )
 
 
 def _draft_options(args: argparse.Namespace) -> dict:
     """LLM's speculative decoding keywords from --draft and --draft-max, checked before any
     model loads (a draft model is only looked up in the catalog or on disk here)."""
     from localllm.runtime.catalog import lookup
+    from localllm.runtime.drafters.frequent_tokens import FULL
     from localllm.runtime.llm import AUTO, LOOKUP
     from localllm.runtime.speculative import DEFAULT_DRAFT_MAX, MAX_DRAFT
 
     if args.draft is None:
-        if args.draft_max is not None:
-            raise InvalidParameterError("--draft-max needs --draft")
+        for given, name in ((args.draft_max, "--draft-max"), (args.draft_vocab, "--draft-vocab")):
+            if given is not None:
+                raise InvalidParameterError(f"{name} needs --draft")
         return {}
     draft_max = DEFAULT_DRAFT_MAX if args.draft_max is None else args.draft_max
     if not 1 <= draft_max <= MAX_DRAFT:
@@ -188,7 +196,12 @@ def _draft_options(args: argparse.Namespace) -> dict:
             lookup(args.draft)
         except LocalLLMError as error:
             raise InvalidParameterError(f"--draft: {error}; or give {AUTO}, {LOOKUP} or a .gguf path") from None
-    return {"draft": args.draft, "draft_max": draft_max}
+    options = {"draft": args.draft, "draft_max": draft_max}
+    if args.draft_vocab is not None:
+        if args.draft_vocab not in (AUTO, FULL) and not Path(args.draft_vocab).is_file():
+            raise InvalidParameterError(f"--draft-vocab: no table file {args.draft_vocab}; or give {AUTO} or {FULL}")
+        options["draft_vocab"] = args.draft_vocab
+    return options
 
 
 def _check_context_and_threads(args: argparse.Namespace) -> None:

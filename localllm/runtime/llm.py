@@ -66,6 +66,10 @@ class LLM:
     draft model for this one, or prompt lookup when it names none. `draft_max` bounds the
     tokens drafted per round; the length is chosen each round by measurement
     (`draft_adaptive=False`: always `draft_max`, for reproducible seeded sampling).
+    `draft_vocab` is the draft model's output head: "auto" scores only the tokens of the
+    shipped frequent-token table of its vocabulary where there is one (FR-Spec: cheaper
+    drafts, the same output), "full" every token, or a table's path
+    (`localllm/runtime/drafters/frequent_tokens.py`).
     """
 
     def __init__(
@@ -83,6 +87,7 @@ class LLM:
         draft: str | os.PathLike | None = None,
         draft_max: int = DEFAULT_DRAFT_MAX,
         draft_adaptive: bool = True,
+        draft_vocab: str | os.PathLike = AUTO,
         device: str = "cpu",
     ):
         started = time.perf_counter()
@@ -94,6 +99,7 @@ class LLM:
         check_draft_max(draft_max)
         self.draft_max = draft_max
         self.draft_adaptive = draft_adaptive
+        self.draft_vocab = draft_vocab
         # Draft models by path, loaded once and shared by every session that drafts with them.
         self._draft_models: dict = {}
         if threads is not None:
@@ -237,7 +243,7 @@ class LLM:
             return Speculation(PromptLookupDrafter(), policy)
         if draft not in self._draft_models:
             self._draft_models[draft] = load_draft_model(
-                draft, self.model, self.tokenizer, quantize_activations=self.model.quantize_activations
+                draft, self.model, self.tokenizer, self.model.quantize_activations, self.draft_vocab
             )
         return Speculation(DraftModelDrafter(self._draft_models[draft][1], spec), policy)
 

@@ -6,10 +6,13 @@ from __future__ import annotations
 import math
 import time
 
+import numpy as np
+
 from localllm.errors import CancelledError, IncompatibleDraftError, InvalidParameterError
 from localllm.formats.gguf import open_gguf
 from localllm.formats.tokenizer import Tokenizer
 from localllm.runtime.drafters import NO_DRAFT, Draft
+from localllm.runtime.drafters.frequent_tokens import AUTO, head_tokens
 from localllm.runtime.models import load_model
 
 # Drafting stops once the draft's most likely next token has less probability than this: such
@@ -57,9 +60,8 @@ class DraftModelDrafter:
     target's policy). The cache is kept in step with the context by its longest common prefix,
     so rejected draft tokens are rolled back and a session's earlier turns are reused; it holds
     the context from `_start` on, the latest `max_catch_up` tokens when it had to start over
-    (None: the whole context)."""
-
-    name = "model"
+    (None: the whole context). A model with a restricted head (`Model.restrict_head`, FR-Spec)
+    proposes only the tokens it scores."""
 
     def __init__(
         self,
@@ -72,6 +74,8 @@ class DraftModelDrafter:
         self.cache = model.new_cache(cache_spec)
         self.min_confidence = min_confidence
         self.max_catch_up = max_catch_up
+        head = model.head_token_ids
+        self.name = "model" if head is None else f"model ({len(head)}-token head)"
         # The token of every cache entry, in order: context[_start:], as far as the cache goes.
         self._start = 0
         self._tokens: list[int] = []
@@ -102,7 +106,7 @@ class DraftModelDrafter:
             recent.append(token)
             if len(tokens) == k or not self.cache.has_room(1):
                 break
-            logits = self.model.forward([token], self.cache)
+            logits = self._vocabulary_logits(self.model.forward([token], self.cache))
             forwards += 1
             self._tokens.append(token)
         if not tokens:
@@ -138,7 +142,17 @@ class DraftModelDrafter:
         finally:
             # A cancelled catch-up leaves the blocks it finished in the cache.
             self._tokens = seen[: self.cache.n_tokens]
-        return logits, len(seen) - keep
+        return self._vocabulary_logits(logits), len(seen) - keep
+
+    def _vocabulary_logits(self, logits: np.ndarray) -> np.ndarray:
+        """A restricted head's logits spread over the whole vocabulary, the tokens it does not
+        score at -inf: the sampler's biases and penalties address tokens by id."""
+        head = self.model.head_token_ids
+        if head is None:
+            return logits
+        full = np.full(self.model.n_vocab, -np.inf, dtype=np.float32)
+        full[head] = logits
+        return full
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:
@@ -146,14 +160,20 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
     return next((i for i in range(n) if a[i] != b[i]), n)
 
 
-def load_draft_model(path, target_model, target_tokenizer, quantize_activations: bool = True):
+def load_draft_model(path, target_model, target_tokenizer, quantize_activations: bool = True, vocab=AUTO):
     """(open GGUF file, model) of the draft at `path`, on the target's device, refused unless
-    its vocabulary is the target's (IncompatibleDraftError)."""
+    its vocabulary is the target's (IncompatibleDraftError). `vocab` is the head it keeps, as
+    `frequent_tokens.head_tokens` takes it: "auto" (the shipped frequent-token table of this
+    vocabulary, when there is one), "full", or a table's path."""
     gguf = open_gguf(path)
     try:
         model = load_model(gguf, path, target_model.device)
-        check_compatible(target_tokenizer, Tokenizer.from_gguf(gguf), target_model.n_vocab, model.n_vocab, path.name)
+        draft_tokenizer = Tokenizer.from_gguf(gguf)
+        check_compatible(target_tokenizer, draft_tokenizer, target_model.n_vocab, model.n_vocab, path.name)
         model.quantize_activations = quantize_activations
+        head = head_tokens(vocab, draft_tokenizer)
+        if head is not None:
+            model.restrict_head(head)
     except BaseException:
         gguf.close()
         raise

@@ -13,6 +13,7 @@ import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 
@@ -156,6 +157,9 @@ class Model(ABC):
         else:
             self.output = self.token_embd
         self.embedding_scale = 1.0
+        # The head's rows and the token each stands for: all of them, until `restrict_head`.
+        self._head_weight = self.output
+        self.head_token_ids: np.ndarray | None = None
         # Round activations to 8 bits before each quantized product, as llama.cpp does, so
         # logits match its logits; False keeps float32 activations (closer to the trained
         # model, and prefill then equals token-by-token decoding to float32 rounding).
@@ -196,7 +200,8 @@ class Model(ABC):
         """Run `tokens` at the cache's next positions and append them to the cache.
 
         Returns float32 logits (numpy, on either device) of shape (len(tokens), n_vocab) when
-        all_logits, else the logits of the last token, shape (n_vocab,). Long inputs run in
+        all_logits, else the logits of the last token, shape (n_vocab,); after `restrict_head`,
+        len(head_token_ids) columns instead of n_vocab. Long inputs run in
         blocks: `cancel` (a threading.Event) is checked before each block after the first,
         raising CancelledError with the blocks done so far left in the cache, and
         `progress(done, total)` is called after each block with the tokens done.
@@ -232,9 +237,23 @@ class Model(ABC):
             self._layer(i, x, positions, cache)
         return x
 
+    def restrict_head(self, token_ids: np.ndarray) -> None:
+        """Score only `token_ids` (increasing, distinct) from now on: the logits `forward`
+        returns then have one column per id, in that order, each equal to the full head's column
+        (a product's rows do not depend on each other). A draft model's FR-Spec head."""
+        ids = np.asarray(token_ids, dtype=np.int64)
+        if ids.ndim != 1 or not ids.size or ids[0] < 0 or ids[-1] >= self.n_vocab or np.any(np.diff(ids) <= 0):
+            raise ModelError(f"a head restriction needs increasing, distinct token ids below {self.n_vocab}")
+        name = "output.weight" if "output.weight" in self.gguf.tensors else "token_embd.weight"
+        tensor = self.gguf.tensors[name]
+        rows = SimpleNamespace(raw=np.ascontiguousarray(tensor.raw[ids]), type=tensor.type,
+                               shape=(ids.size, self.hparams.n_embd), name=f"{name}[{ids.size} rows]")  # fmt: skip
+        self._head_weight = self.kernels.CheckedWeight(rows)
+        self.head_token_ids = ids
+
     def _head(self, hidden: np.ndarray) -> np.ndarray:
         normed = self.kernels.rms_norm(hidden, self.output_norm, self.hparams.rms_eps)
-        return self.linear(self.output, normed)
+        return self.linear(self._head_weight, normed)
 
     def attend(self, i: int, q, k, v, positions, cache: KVCache, rotate) -> np.ndarray:
         """Rotate q and k (`rotate(x, positions)` applies the layer's RoPE in place), store k
