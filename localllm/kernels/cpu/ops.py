@@ -8,6 +8,9 @@ from functools import lru_cache
 
 import numba
 import numpy as np
+from llvmlite import ir
+from numba import types
+from numba.extending import intrinsic
 
 from localllm.errors import KernelError
 from localllm.kernels.arguments import check_finite_float, check_rope_arguments
@@ -215,9 +218,51 @@ _GELU_SQRT_2_OVER_PI = np.float32(np.sqrt(2.0 / np.pi))
 _GELU_CUBIC = np.float32(0.044715)
 
 
+@intrinsic
+def _float_from_bits(typingctx, bits):
+    """The float32 whose bit pattern is the low 32 bits of the integer `bits`."""
+    if not isinstance(bits, types.Integer) or bits.bitwidth < 32:
+        return None
+
+    def codegen(context, builder, signature, args):
+        (value,) = args
+        if signature.args[0].bitwidth > 32:
+            value = builder.trunc(value, ir.IntType(32))
+        return builder.bitcast(value, ir.FloatType())
+
+    return types.float32(bits), codegen
+
+
+# Cephes' single-precision exp: n = round(x / ln 2), r = x - n ln 2 in two parts (exact for
+# |n| < 2^9), exp(r) by a degree-6 polynomial, 2^n put straight into the exponent bits. Within
+# 2 ulp of the correctly rounded value and, unlike libm's expf (a call per value), a straight-
+# line body LLVM vectorizes: SwiGLU over a 1.5B's 8960-wide rows costs a fifth of what it did.
+_LOG2E = np.float32(1.44269504088896341)
+_LN2_HIGH = np.float32(0.693359375)
+_LN2_LOW = np.float32(-2.12194440e-4)
+_EXP_MAX = np.float32(88.3762626647949)
+_EXP_MIN = np.float32(-87.3365447504019)
+_EXP_POLY = tuple(
+    np.float32(c)
+    for c in (1.9875691500e-4, 1.3981999507e-3, 8.3334519073e-3, 4.1665795894e-2, 1.6666665459e-1, 5.0000001201e-1)
+)
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def _exp(x):
+    a = min(max(x, _EXP_MIN), _EXP_MAX)
+    n = np.floor(a * _LOG2E + np.float32(0.5))
+    r = (a - n * _LN2_HIGH) - n * _LN2_LOW
+    c0, c1, c2, c3, c4, c5 = _EXP_POLY
+    y = (((((c0 * r + c1) * r + c2) * r + c3) * r + c4) * r + c5) * (r * r) + r + np.float32(1.0)
+    scaled = y * _float_from_bits((np.int64(n) + 127) << 23)
+    # Past the clamp: exp overflows to inf as libm's does (silu's far negative tail is then -0).
+    return np.float32(np.inf) if x > _EXP_MAX else scaled
+
+
 @numba.njit(cache=True, nogil=True, inline="always")
 def _silu(x):
-    return x / (np.float32(1.0) + np.exp(-x))
+    return x / (np.float32(1.0) + _exp(-x))
 
 
 @numba.njit(cache=True, nogil=True, inline="always")
@@ -228,9 +273,13 @@ def _gelu_tanh(x):
     return x / (np.float32(1.0) + np.exp(np.float32(-2.0) * u))
 
 
-@numba.njit(cache=True, nogil=True)
+# NumPy's error model: Python's would test every division for a zero divisor, a branch that
+# keeps the loop from vectorizing (and silu's divisor is never zero). The slices give indices
+# from 0, which need no negative-index wraparound either.
+@numba.njit(cache=True, nogil=True, error_model="numpy")
 def _swiglu_span(gate, up, out, start, stop):
-    for i in range(start, stop):
+    gate, up, out = gate[start:stop], up[start:stop], out[start:stop]
+    for i in range(gate.shape[0]):
         out[i] = _silu(gate[i]) * up[i]
 
 
@@ -240,7 +289,7 @@ def _geglu_span(gate, up, out, start, stop):
         out[i] = _gelu_tanh(gate[i]) * up[i]
 
 
-@numba.njit(cache=True, nogil=True, parallel=True)
+@numba.njit(cache=True, nogil=True, parallel=True, error_model="numpy")
 def _swiglu_parallel(gate, up, out, block):
     n_blocks = (gate.shape[0] + block - 1) // block
     for b in numba.prange(n_blocks):
