@@ -144,6 +144,7 @@ def test_kernel_constants_come_from_the_table():
             integer._TQ2_0_ROW_GROUPS,
             integer._Q4_K_ROW_GROUPS,
             integer._Q6_K_ROW_GROUPS,
+            integer._Q5_0_ROW_GROUPS,
         ):
             continue
         qtype = next(q for q in integer.KERNELS if getattr(integer, f"_{q.name}", None) == kind)
@@ -158,6 +159,8 @@ def test_kernel_constants_come_from_the_table():
     # sixteen interleaved blocks; the activations in their order, one code sum per sub-block
     assert integer._FORMATS[integer._Q4_K_ROW_GROUPS][:3] == (16 * 144, 256, 32)
     assert integer._FORMATS[integer._Q6_K_ROW_GROUPS][:3] == (16 * 210, 256, 16)
+    # sixteen interleaved pairs of blocks; the activations in their order, a code sum per block
+    assert integer._FORMATS[integer._Q5_0_ROW_GROUPS][:3] == (16 * 44, 64, 32)
 
 
 def _ggml_scale_min_k4(j, q):

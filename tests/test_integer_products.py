@@ -81,12 +81,13 @@ def test_integer_matmul_matches_float64(qtype):
 
 @needs_avx2
 @pytest.mark.parametrize("rows", [1, 15, 16, 17, 48])
-@pytest.mark.parametrize("qtype", [Q.Q4_K, Q.Q6_K, Q.TQ1_0, Q.TQ2_0], ids=lambda q: q.name)
+@pytest.mark.parametrize("qtype", [Q.Q4_K, Q.Q6_K, Q.TQ1_0, Q.TQ2_0, Q.Q5_0], ids=lambda q: q.name)
 def test_rows_in_groups_of_sixteen_and_a_partial_one(qtype, rows):
-    """With AVX-512 VNNI, Q4_K, Q6_K and ternary rows are interleaved sixteen at a time, the
-    last group padded: every row count gives each row's product, and nothing past the last row
-    is written."""
-    weight = random_weight(qtype, rows=rows, blocks_per_row=3, seed=rows)
+    """With AVX-512 VNNI, Q4_K, Q6_K, Q5_0 and ternary rows are interleaved sixteen at a time,
+    the last group padded: every row count gives each row's product, and nothing past the last
+    row is written."""
+    # Q5_0 in pairs of blocks: six blocks, three pairs.
+    weight = random_weight(qtype, rows=rows, blocks_per_row=6 if qtype == Q.Q5_0 else 3, seed=rows)
     X = random_activations(5, weight.shape[1], seed=rows)
     memory = np.full(5 * rows + 16, np.nan, dtype=np.float32)
     out = memory[: 5 * rows].reshape(5, rows)
@@ -124,9 +125,9 @@ OTHER_TARGETS = {
     # Every format's AVX2 path, as on a host without AVX-512 or VNNI.
     "avx2": (HASWELL_FEATURES, FORMATS),
     # vpdpbusd on 32-byte vectors only, as on an AVX-VNNI host (there VEX-encoded, which this
-    # AVX-512 host may not have): the file-layout kernels of Q4_K, Q6_K and the ternary
+    # AVX-512 host may not have): the file-layout kernels of Q4_K, Q6_K, Q5_0 and the ternary
     # formats, whose rows are interleaved wherever vpdpbusd takes 64-byte vectors.
-    "vnni-256": (HASWELL_FEATURES + ",+avx512f,+avx512vl,+avx512vnni", [Q.Q4_K, Q.Q6_K, Q.TQ1_0, Q.TQ2_0]),
+    "vnni-256": (HASWELL_FEATURES + ",+avx512f,+avx512vl,+avx512vnni", [Q.Q4_K, Q.Q6_K, Q.Q5_0, Q.TQ1_0, Q.TQ2_0]),
 }
 _OTHER_TARGET_PRODUCTS = """
 import sys
@@ -163,8 +164,8 @@ np.savez(sys.argv[2], **out)
 def test_this_hosts_kernels_equal_other_hosts_kernels_bit_for_bit(tmp_path, target):
     """The VNNI kernels (vpdpbusd, vpdpwssd) add the same integers into the same lanes as the
     AVX2 ones (vpmaddubsw, vpmaddwd), the ternary formats' row-interleaved kernels meet each
-    block's integer total with the same multiply-add as their file-layout kernels, and Q4_K's
-    and Q6_K's keep each row's float lanes, so the products are identical. The other host's kernels run
+    block's integer total with the same multiply-add as their file-layout kernels, and Q4_K's,
+    Q6_K's and Q5_0's keep each row's float lanes, so the products are identical. The other host's kernels run
     in a process whose Numba targets its features; a tile of four, one of three and one of two
     (n = 9) and a single row."""
     features, formats = OTHER_TARGETS[target]
@@ -197,8 +198,9 @@ def test_this_hosts_kernels_equal_other_hosts_kernels_bit_for_bit(tmp_path, targ
 @pytest.mark.parametrize("blocks_per_row", [1, 3, 7, 8])
 @pytest.mark.parametrize("qtype", [q for q in FORMATS if GGML_QUANT_SIZES[q][0] == 32], ids=lambda q: q.name)
 def test_rows_of_any_number_of_32_value_blocks(qtype, blocks_per_row):
-    """Q5_0 rows with an even number of blocks are multiplied two blocks at a time, odd ones
-    one block at a time; both, for one row and for a tile of four plus one."""
+    """Q5_0 rows with an even number of blocks are multiplied two blocks at a time (sixteen
+    rows interleaved where vpdpbusd takes 64-byte vectors), odd ones one block at a time; both,
+    for one row and for a tile of four plus one."""
     weight = random_weight(qtype, rows=21, blocks_per_row=blocks_per_row, seed=blocks_per_row)
     dequantized = weight.dequantize()
     for n in (1, 5):

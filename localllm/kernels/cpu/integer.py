@@ -282,6 +282,13 @@ class _Rows:
         b = self.builder
         return b.load(b.gep(self.scales, [self._index(t)]))
 
+    def scale_of(self, t, i, per_block):
+        """Activation scale i of the `per_block` that block k spans (a block of several of
+        the activations' blocks)."""
+        b = self.builder
+        index = b.add(b.mul(self._index(t), ir.Constant(_I64, per_block)), ir.Constant(_I64, i))
+        return b.load(b.gep(self.scales, [index]))
+
     def lane_scales(self, t):
         """<8 x float> at scales[8 * index]: the paired formats' per-lane activation scales."""
         b = self.builder
@@ -930,15 +937,15 @@ def _accumulate_rows(builder, acc, lane, scales, product):
     builder.store(builder.call(fma, [scales, product, builder.load(pointer, align=4)]), pointer, align=4)
 
 
-def _prefetch_sub_block_share(builder, block, qtype, count, j):
-    """For a tile of several activation rows, prefetch the eighth j of the group block two
-    blocks ahead: the file-layout kernels' 2 KB ahead, all lines at once, filled the core's miss
-    buffers in bursts. 8960x1536 Q4_K from the 1.5B's 28 ffn_gate in turn (DRAM, two threads),
-    ms per product: n = 1 0.34 -> 0.25 without prefetching (the hardware's keeps up), n = 4
-    0.45 -> 0.30, n = 16 1.18 -> 1.02; the repacked rows took 0.275, 0.39, 1.45."""
+def _prefetch_sub_block_share(builder, block, group_bytes, count, j):
+    """For a tile of several activation rows, prefetch the eighth j of the group block (of
+    `group_bytes`) two blocks ahead: the file-layout kernels' 2 KB ahead, all lines at once,
+    filled the core's miss buffers in bursts. 8960x1536 Q4_K from the 1.5B's 28 ffn_gate in
+    turn (DRAM, two threads), ms per product: n = 1 0.34 -> 0.25 without prefetching (the
+    hardware's keeps up), n = 4 0.45 -> 0.30, n = 16 1.18 -> 1.02; the repacked rows took
+    0.275, 0.39, 1.45."""
     if count == 1:
         return
-    group_bytes = _ROWS * LAYOUTS[qtype].type_size
     lines = group_bytes // 64
     _prefetch_lines(builder, block, 2 * group_bytes, range(lines * j // 8, lines * (j + 1) // 8))
 
@@ -1020,7 +1027,7 @@ def _q4_k_row_group_codegen(builder, block, rows, count, acc, vnni):
     dmin_x = [builder.fmul(dmin, x) for x in x_scales]
     per_chain = 2 if count == 1 else 1
     for j in range(8):
-        _prefetch_sub_block_share(builder, block, Q.Q4_K, count, j)
+        _prefetch_sub_block_share(builder, block, _ROWS * LAYOUTS[Q.Q4_K].type_size, count, j)
         codes = []
         for p in range(4):
             packed = _load(builder, block, 64 * (4 * j + p), _I8, 64)
@@ -1087,7 +1094,7 @@ def _q6_k_row_group_codegen(builder, block, rows, count, acc, vnni):
     d_x = [builder.fmul(d, _broadcast(builder, rows.scale(t), 16)) for t in range(count)]
     low_nibble, high_bits = _splat(_I8, 64, 15), _splat(_I8, 64, 0x30)
     for j in range(8):
-        _prefetch_sub_block_share(builder, block, Q.Q6_K, count, j)
+        _prefetch_sub_block_share(builder, block, _ROWS * LAYOUTS[Q.Q6_K].type_size, count, j)
         lane_bytes = _Q6_K_GROUP_LANE_BYTES * j
         high = [_load(builder, block, lane_bytes + _Q6_K_GROUP_HIGH_BITS + 64 * h, _I8, 64) for h in range(2)]
         values = [[], []]
@@ -1125,6 +1132,53 @@ def _q6_k_row_group_codegen(builder, block, rows, count, acc, vnni):
             _accumulate_rows(builder, acc, _Q6_K_GROUP_LANES * t + 16 * j, d_x[t], product)
 
 
+# Q5_0 rows interleaved by sixteen, in pairs of blocks (A, B) as the file-layout kernel takes
+# them where a row has an even number of blocks: per group and pair, for each of its 8 float
+# lanes L (block L // 4, values 4l..4l + 3 and 16 + 4l..16 + 4l + 3 for l = L % 4), the
+# rows' nibble bytes 4l..4l + 3 of that block (row R's at byte 4R: value 4l + b low, 16 + 4l + b
+# high), 512 bytes; then per lane and half the fifth bits of those values as a 64-bit mask (bit
+# 4R + b), 128 bytes; then the sixteen f16 d of A and those of B. Lane L of a row gets the
+# integer of the file-layout kernel's lane L, so every path gives the same floats.
+_Q5_0_GROUP_MASKS = 8 * 64
+_Q5_0_GROUP_D = _Q5_0_GROUP_MASKS + 16 * 8
+_Q5_0_GROUP_BYTES = _ROWS * 2 * _Q5_0_BYTES
+assert _Q5_0_GROUP_BYTES == _Q5_0_GROUP_D + 2 * 2 * _ROWS
+_Q5_0_GROUP_LANES = 8 * _ROWS
+
+
+def _q5_0_row_group_codegen(builder, block, rows, count, acc, vnni):
+    """Pair k of sixteen interleaved Q5_0 rows against `count` activation rows (Q8_0 codes in
+    their own order): acc[128t + 16L + R] gets d_R d_x times row R's lane-L integer."""
+    words16 = _vector(_I32, 16)
+    dot = _function(builder, "llvm.x86.avx512.vpdpbusd.512", words16, [words16] * 3)
+    low_nibble, fifth_bit = _splat(_I8, 64, 15), _splat(_I8, 64, 16)
+    operands = []
+    for lane in range(8):
+        _prefetch_sub_block_share(builder, block, _Q5_0_GROUP_BYTES, count, lane)
+        nibbles = _load(builder, block, 64 * lane, _I8, 64)
+        high = builder.lshr(nibbles, _splat(_I8, 64, 4))
+        halves = (builder.and_(nibbles, low_nibble), builder.and_(high, low_nibble))
+        for half, values in enumerate(halves):
+            at = _address(builder, block, _Q5_0_GROUP_MASKS + 8 * (2 * lane + half))
+            bits = builder.load(builder.bitcast(at, _I64.as_pointer()), align=1)
+            is_set = builder.bitcast(bits, _vector(ir.IntType(1), 64))
+            operands.append(builder.bitcast(builder.select(is_set, builder.or_(values, fifth_bit), values), words16))
+    d = [_sixteen_halves(builder, block, _Q5_0_GROUP_D + 2 * _ROWS * b) for b in range(2)]
+    for t in range(count):
+        d_x = [builder.fmul(d[b], _broadcast(builder, rows.scale_of(t, b, 2), 16)) for b in range(2)]
+        for lane in range(8):
+            b, quad = divmod(lane, 4)
+            total = ir.Constant(words16, None)
+            for half in range(2):
+                word = _activation_word(builder, rows, t, Q8_0_BLOCK * b + 16 * half + 4 * quad)
+                total = builder.call(dot, [total, operands[2 * lane + half], word])
+            if quad == 0:
+                code_sum = builder.load(builder.gep(rows.sums_at(t), [ir.Constant(_I64, b)]))
+                total = builder.sub(total, _broadcast(builder, builder.mul(code_sum, ir.Constant(_I32, 16)), 16))
+            product = builder.sitofp(total, _vector(_F32, 16))
+            _accumulate_rows(builder, acc, _Q5_0_GROUP_LANES * t + 16 * lane, d_x[b], product)
+
+
 (
     _Q4_0,
     _Q5_0,
@@ -1143,7 +1197,8 @@ def _q6_k_row_group_codegen(builder, block, rows, count, acc, vnni):
     _TQ2_0_ROW_GROUPS,
     _Q4_K_ROW_GROUPS,
     _Q6_K_ROW_GROUPS,
-) = range(17)
+    _Q5_0_ROW_GROUPS,
+) = range(18)
 
 
 def _format(qtype, lanes, codegen):
@@ -1195,9 +1250,11 @@ _FORMATS = {
         _Q6_K_GROUP_LANES,
         _q6_k_row_group_codegen,
     ),
+    # Pair k of sixteen interleaved rows; the activations as they are, a code sum per block.
+    _Q5_0_ROW_GROUPS: (_Q5_0_GROUP_BYTES, 2 * Q8_0_BLOCK, Q8_0_BLOCK, _Q5_0_GROUP_LANES, _q5_0_row_group_codegen),
 }
 # Kinds whose code generators prefetch (_prefetch_sub_block_share) instead of _dot_blocks.
-_PREFETCHING_THEMSELVES = (_Q4_K_ROW_GROUPS, _Q6_K_ROW_GROUPS)
+_PREFETCHING_THEMSELVES = (_Q4_K_ROW_GROUPS, _Q6_K_ROW_GROUPS, _Q5_0_ROW_GROUPS)
 _BLOCK_BYTES = tuple(_FORMATS[kind][0] for kind in range(len(_FORMATS)))
 _ACC_LANES = tuple(_FORMATS[kind][3] for kind in range(len(_FORMATS)))
 # Activation rows per pass over a weight row: each decoded weight block then feeds four rows
@@ -1501,11 +1558,11 @@ def _row_group_tile(kind, count, weights, activations, acc, first, group_rows, o
 
 @njit(nogil=True, inline="always")
 def _row_group_finish(kind, acc, lane):
-    """One row's product from its lanes of an activation row's accumulator, for Q4_K and Q6_K
-    summed as _finish sums the file-layout kernel's lanes."""
+    """One row's product from its lanes of an activation row's accumulator, for Q4_K, Q6_K
+    and Q5_0 summed as _finish sums the file-layout kernel's lanes."""
     if kind == _Q4_K_ROW_GROUPS:
         return _hsum_8(acc, lane, _ROWS) - _sum_8(acc, lane + 8 * _ROWS, _ROWS)
-    if kind == _Q6_K_ROW_GROUPS:
+    if kind == _Q6_K_ROW_GROUPS or kind == _Q5_0_ROW_GROUPS:
         return _hsum_8(acc, lane, _ROWS)
     return acc[lane]
 
@@ -1532,6 +1589,16 @@ def products_q4_k_row_groups(packed, X, out):
 def products_q6_k_row_groups(packed, X, out):
     codes, scales, sums = codes_of(X, Q8_K_BLOCK, np.int16)
     _row_group_products(packed, codes, sums, scales, out, _Q6_K_ROW_GROUPS)
+
+
+@njit(cache=True, nogil=True)
+def products_q5_0_row_groups(packed, X, out):
+    codes, scales, sums = codes_of(X, Q8_0_BLOCK, np.int32)
+    if codes.shape[1] % (2 * Q8_0_BLOCK):
+        # An odd number of blocks a row: pack() left the rows as in the file.
+        _products(packed, codes, scales, sums, out, _Q5_0)
+    else:
+        _row_group_products(packed, codes, sums, scales, out, _Q5_0_ROW_GROUPS)
 
 
 @njit(cache=True, nogil=True)
@@ -1702,6 +1769,38 @@ def _interleave_k_quant_rows(raw, kind):
     return packed
 
 
+@njit(cache=True, nogil=True, parallel=True)
+def _interleave_q5_0_rows(raw):
+    """Q5_0 rows (an even number of blocks each) in _q5_0_row_group_codegen's layout, the last
+    group padded with zero blocks."""
+    rows, row_bytes = raw.shape
+    pairs = row_bytes // (2 * _Q5_0_BYTES)
+    groups = (rows + _ROWS - 1) // _ROWS
+    packed = np.zeros((groups, pairs * _Q5_0_GROUP_BYTES), dtype=np.uint8)
+    for g in prange(groups):
+        for lane in range(min(_ROWS, rows - _ROWS * g)):
+            r = _ROWS * g + lane
+            for k in range(pairs):
+                target = k * _Q5_0_GROUP_BYTES
+                for b in range(2):
+                    source = (2 * k + b) * _Q5_0_BYTES
+                    fifth_bits = np.uint32(0)
+                    for m in range(4):
+                        fifth_bits |= np.uint32(raw[r, source + _Q5_0_QH + m]) << np.uint32(8 * m)
+                    for quad in range(4):
+                        vector = 4 * b + quad
+                        for i in range(4):
+                            packed[g, target + 64 * vector + 4 * lane + i] = raw[r, source + _Q5_0_QS + 4 * quad + i]
+                            bit_at = 4 * lane + i
+                            for half in range(2):
+                                bit = (fifth_bits >> np.uint32(16 * half + 4 * quad + i)) & np.uint32(1)
+                                mask_at = target + _Q5_0_GROUP_MASKS + 8 * (2 * vector + half) + bit_at // 8
+                                packed[g, mask_at] |= np.uint8(bit << np.uint32(bit_at % 8))
+                    for i in range(2):
+                        packed[g, target + _Q5_0_GROUP_D + 2 * _ROWS * b + 2 * lane + i] = raw[r, source + _Q5_0_D + i]
+    return packed
+
+
 # Per repacked format: its kind and the activation layout of its kernel.
 _PACKED = {Q.Q4_K: (_PACKED_Q4_K, _LANES_32), Q.Q5_K: (_PACKED_Q5_K, _LANES_32), Q.Q6_K: (_PACKED_Q6_K, _LANES_16)}
 
@@ -1713,7 +1812,11 @@ def pack(qtype, raw: np.ndarray) -> np.ndarray:
     sixteen, in ceil(rows / 16) packed rows), and so for Q4_K and Q6_K on hosts where vpdpbusd
     takes 64-byte vectors; `raw` itself for every other format."""
     if qtype in _ROW_GROUP_KERNELS:
-        if qtype in _PACKED:
+        if qtype == Q.Q5_0:
+            if raw.shape[1] % (2 * _Q5_0_BYTES):
+                return raw
+            packed = _interleave_q5_0_rows(raw)
+        elif qtype in _PACKED:
             packed = _interleave_k_quant_rows(raw, _PACKED[qtype][0])
         else:
             packed = _interleave_rows(raw, LAYOUTS[qtype].type_size)
@@ -1735,6 +1838,7 @@ if HAS_VNNI_512:
     _ROW_GROUP_KERNELS[Q.TQ2_0] = products_tq2_0_row_groups
     _ROW_GROUP_KERNELS[Q.Q4_K] = products_q4_k_row_groups
     _ROW_GROUP_KERNELS[Q.Q6_K] = products_q6_k_row_groups
+    _ROW_GROUP_KERNELS[Q.Q5_0] = products_q5_0_row_groups
 if HAS_VBMI:
     _ROW_GROUP_KERNELS[Q.TQ1_0] = products_tq1_0_row_groups
 
@@ -1745,7 +1849,7 @@ if HAS_VBMI:
 KERNELS = {
     Q.Q4_0: products_q4_0,
     Q.Q4_1: products_q4_1,
-    Q.Q5_0: products_q5_0,
+    Q.Q5_0: _ROW_GROUP_KERNELS.get(Q.Q5_0, products_q5_0),
     Q.Q5_1: products_q5_1,
     Q.Q8_0: products_q8_0,
     Q.Q2_K: products_q2_k,
