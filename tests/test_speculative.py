@@ -128,6 +128,27 @@ def test_a_costly_probe_waits_until_it_is_a_small_share_of_the_plain_decoding_si
     assert first == round(2.0 / policy.PROBE_SHARE), first
 
 
+def test_each_generation_starts_with_a_probe_and_a_faded_memory():
+    """Drafting that never paid in one reply is tried again at the next (code after chat),
+    with one token, and the old rejections weigh a quarter as much."""
+    policy = DraftLengthPolicy(draft_max=8)
+    for n, seconds in {1: 1.0, 2: 1.1, 3: 1.2}.items():
+        policy.record_forward(n, seconds)
+    policy.record_draft_step(0.1)
+    for _ in range(30):
+        policy.record_round(4, 4, 0)
+    assert [policy.choose(8) for _ in range(5)] == [0] * 5
+    kept_before, could_keep_before = policy._kept.copy(), policy._could_keep.copy()
+    policy.new_generation()
+    np.testing.assert_allclose(policy._could_keep, could_keep_before * policy.GENERATION_MEMORY)
+    np.testing.assert_allclose(policy._kept, kept_before * policy.GENERATION_MEMORY)
+    assert policy.choose(8) == 1
+    # The probe's tokens were kept: a few such rounds outweigh the faded rejections.
+    for _ in range(3):
+        policy.record_round(1, 1, 1)
+    assert policy.choose(8) >= 1
+
+
 def assert_chi_square_passes(observed, expected):
     """Pearson's goodness-of-fit test at p-value 0.001."""
     statistic = float(((observed - expected) ** 2 / expected).sum())

@@ -92,9 +92,13 @@ class DraftLengthPolicy:
     does not turn speculation back on doubles the wait before the next. A probe also waits
     until what the last one cost in drafting is at most PROBE_SHARE of the time decoded plainly
     since: a draft model must first catch up on the tokens it skipped (up to its catch-up
-    limit, 0.1-0.3 s for the 0.5B, several plain steps), prompt lookup costs nothing. With
-    `adaptive=False` every round asks for `draft_max` tokens (the drafter may still stop
-    early).
+    limit, 0.1-0.3 s for the 0.5B, several plain steps), prompt lookup costs nothing.
+
+    A generation is a new text: `new_generation` fades the acceptance memory to a quarter and
+    makes its first round a probe of one token whatever the estimates say, so that a reply
+    drafts well after one that did not (code after chat), at the price of one catch-up when it
+    does not. With `adaptive=False` every round asks for `draft_max` tokens (the drafter may
+    still stop early).
     """
 
     COST_SAMPLES = 5
@@ -102,7 +106,10 @@ class DraftLengthPolicy:
     PRIOR_WEIGHT = 2.0
     PRIOR_ACCEPTANCE = 0.5
     MAX_EXPLORE_EVERY = 256
-    PROBE_SHARE = 0.05
+    # Of the plain decoding since the last probe. Each generation's first round probes anyway,
+    # so this only bounds what probing costs within a long reply.
+    PROBE_SHARE = 0.03
+    GENERATION_MEMORY = 0.25
 
     def __init__(self, draft_max: int = DEFAULT_DRAFT_MAX, adaptive: bool = True, explore_every: int = 16):
         self.draft_max = check_draft_max(draft_max)
@@ -128,6 +135,15 @@ class DraftLengthPolicy:
         self._probe_seconds = 0.0
         self._off_seconds = 0.0
         self._drafting = False
+        self._probe_next = False
+
+    def new_generation(self) -> None:
+        """A new text starts (a prompt, a session's next turn): see the class docstring."""
+        for counts in (self._could_propose, self._proposed, self._could_keep, self._kept):
+            counts *= self.GENERATION_MEMORY
+        self._since_explored = 0
+        self._off_explore_every = self.explore_every
+        self._probe_next = True
 
     def forward_seconds(self, longest: int) -> list[float]:
         """Estimated cost of verifying n tokens, for n = 1 .. longest (index n - 1); empty until
@@ -183,11 +199,11 @@ class DraftLengthPolicy:
         verify = self.forward_seconds(limit + 1)
         if not verify:
             return 0
-        best_k, best_rate = 0, 1.0 / verify[0]
-        for k in range(1, limit + 1):
-            tokens, seconds = self.expected(k, verify)
-            if tokens / seconds > best_rate:
-                best_k, best_rate = k, tokens / seconds
+        if self._probe_next:
+            self._probe_next = False
+            self._since_explored = 0
+            return max(1, self._best(limit, verify))
+        best_k = self._best(limit, verify)
         if best_k:
             self._off_explore_every = self.explore_every
         self._since_explored += 1
@@ -203,6 +219,15 @@ class DraftLengthPolicy:
             return 1
         self._explore_up = not self._explore_up
         return min(best_k + 1, limit) if self._explore_up else best_k - 1
+
+    def _best(self, limit: int, verify: list[float]) -> int:
+        """The k of the most expected tokens per second, 0 .. limit."""
+        best_k, best_rate = 0, 1.0 / verify[0]
+        for k in range(1, limit + 1):
+            tokens, seconds = self.expected(k, verify)
+            if tokens / seconds > best_rate:
+                best_k, best_rate = k, tokens / seconds
+        return best_k
 
     def record_forward(self, n: int, seconds: float) -> None:
         """A verification of n tokens took `seconds` (the forward and the acceptance test)."""
@@ -295,6 +320,7 @@ def speculative_steps(model, cache, sampler, context: list[int], logits: np.ndar
     """
     drafter, policy = speculation.drafter, speculation.policy
     spec = stats.speculative = SpeculativeStats(drafter=drafter.name)
+    policy.new_generation()
     produced = 0
     try:
         token, logprob = sampler.sample(logits, context)
