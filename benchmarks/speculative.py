@@ -1,7 +1,7 @@
 """Speculative decoding against plain decoding on a fixed prompt set: tokens/s and ratios.
 
 Run: python benchmarks/speculative.py [--model qwen2.5-coder-1.5b-instruct] [--draft NAME]
-     [--tokens 128] [--draft-max 4] [--threads 2] [--prompts code,edit,...]
+     [--tokens 128] [--draft-max 4] [--threads 2] [--prompts code,edit,...] [--rounds N]
      [--llama-speculative PATH] [--llama-lookup PATH]
 
 Every prompt is answered greedily in chat form with EOS banned, so each run generates exactly
@@ -10,7 +10,10 @@ a fixed draft length (--draft-max every round); and both with the adaptive draft
 8). The draft model keeps its default head (`draft_vocab="auto"`: FR-Spec's frequent tokens,
 where its vocabulary has a shipped table); "draft adapt. full" is the adaptive draft model
 scoring every token, for comparison. Configurations alternate within each prompt so that load
-on a shared machine falls on all of them alike. Speed is generated tokens over the time from
+on a shared machine falls on all of them alike; with --rounds N the whole set runs N times and
+each speed is the tokens over the time of all N runs (ratios to plain within 5% of each other
+differ from one round to the next on a shared two-core machine), the accepted / drafted counts
+those of the last round. Speed is generated tokens over the time from
 the end of the prompt's prefill to the last token, so it includes the draft model's own
 prefill. Every speculative run is checked to produce the plain run's tokens.
 
@@ -125,6 +128,7 @@ def main() -> None:
     parser.add_argument("--draft-max", type=int, default=4, help="draft length of the fixed-length rows")
     parser.add_argument("--threads", default="2")
     parser.add_argument("--prompts", default=",".join(PROMPTS), help="comma-separated subset of " + ",".join(PROMPTS))
+    parser.add_argument("--rounds", type=int, default=1, help="passes over the prompts, timed together")
     parser.add_argument("--llama-speculative", default=shutil.which("llama-speculative"), help="llama.cpp's example")
     parser.add_argument("--llama-lookup", default=shutil.which("llama-lookup"), help="llama.cpp's example")
     args = parser.parse_args()
@@ -147,30 +151,38 @@ def main() -> None:
             run(llm, "Hi", 4)
         speeds = {label: {} for label in llms}
         notes = {label: {} for label in llms}
-        for name in names:
-            plain_tokens = None
-            for label, llm in llms.items():
-                started = time.perf_counter()
-                completion, speed = run(llm, PROMPTS[name], args.tokens)
-                speeds[label][name] = speed
-                if plain_tokens is None:
-                    plain_tokens = completion.token_ids
-                spec = completion.stats.speculative
-                exact = "" if completion.token_ids == plain_tokens else " NOT EXACT"
-                if spec is not None:
-                    rate = spec.acceptance_rate
-                    notes[label][name] = f"{spec.accepted}/{spec.drafted} ({0 if rate is None else rate:.0%}){exact}"
-                print(f"  {name:8} {label:18} {speed:6.2f} t/s  ({time.perf_counter() - started:.1f} s){exact}")
-            for label, binary, draft_path in llama_cpp_runs:
-                speed, note = run_llama_cpp(binary, llms["plain"], draft_path, PROMPTS[name], args.tokens, cpp_threads)
-                speeds.setdefault(label, {})[name] = speed
-                notes.setdefault(label, {})[name] = note
-                print(f"  {name:8} {label:18} {speed:6.2f} t/s")
+        # Seconds per token summed over the rounds: the table's speeds are tokens over total time.
+        seconds = {}
+        for _ in range(args.rounds):
+            for name in names:
+                plain_tokens = None
+                for label, llm in llms.items():
+                    started = time.perf_counter()
+                    completion, speed = run(llm, PROMPTS[name], args.tokens)
+                    seconds[label, name] = seconds.get((label, name), 0.0) + 1.0 / speed
+                    if plain_tokens is None:
+                        plain_tokens = completion.token_ids
+                    spec = completion.stats.speculative
+                    exact = "" if completion.token_ids == plain_tokens else " NOT EXACT"
+                    if spec is not None:
+                        rate = 0 if spec.acceptance_rate is None else spec.acceptance_rate
+                        notes[label][name] = f"{spec.accepted}/{spec.drafted} ({rate:.0%}){exact}"
+                    print(f"  {name:8} {label:18} {speed:6.2f} t/s  ({time.perf_counter() - started:.1f} s){exact}")
+                for label, binary, draft_path in llama_cpp_runs:
+                    speed, note = run_llama_cpp(
+                        binary, llms["plain"], draft_path, PROMPTS[name], args.tokens, cpp_threads
+                    )
+                    seconds[label, name] = seconds.get((label, name), 0.0) + 1.0 / speed
+                    notes.setdefault(label, {})[name] = note
+                    print(f"  {name:8} {label:18} {speed:6.2f} t/s")
+        for (label, name), per_token in seconds.items():
+            speeds.setdefault(label, {})[name] = args.rounds / per_token
     finally:
         for llm in llms.values():
             llm.close()
 
-    print(f"\n{args.model}, draft {draft}, {args.tokens} tokens, greedy, {args.threads} threads")
+    setting = f"{args.tokens} tokens, greedy, {args.threads} threads, {args.rounds} round(s)"
+    print(f"\n{args.model}, draft {draft}, {setting}")
     print(f"{'configuration':18} " + " ".join(f"{name:>24}" for name in names))
     plain = speeds["plain"]
     for label, row in speeds.items():
