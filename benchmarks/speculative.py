@@ -13,9 +13,9 @@ scoring every token, for comparison. Configurations alternate within each prompt
 on a shared machine falls on all of them alike; with --rounds N the whole set runs N times and
 each speed is the tokens over the time of all N runs (ratios to plain within 5% of each other
 differ from one round to the next on a shared two-core machine), the accepted / drafted counts
-those of the last round. Speed is generated tokens over the time from
-the end of the prompt's prefill to the last token, so it includes the draft model's own
-prefill. Every speculative run is checked to produce the plain run's tokens.
+those of the last round. Speed is generated tokens over the time from the end of the prompt's
+prefill to the last token, so it includes the draft model's own prefill. Every speculative run
+is checked to produce the plain run's tokens.
 
 Where llama.cpp's `llama-speculative` and `llama-lookup` examples are installed (on PATH, or
 given), they run in the same alternation on the same files and chat-rendered prompts, greedy,

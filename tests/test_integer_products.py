@@ -165,9 +165,9 @@ def test_this_hosts_kernels_equal_other_hosts_kernels_bit_for_bit(tmp_path, targ
     """The VNNI kernels (vpdpbusd, vpdpwssd) add the same integers into the same lanes as the
     AVX2 ones (vpmaddubsw, vpmaddwd), the ternary formats' row-interleaved kernels meet each
     block's integer total with the same multiply-add as their file-layout kernels, and Q4_K's,
-    Q6_K's and Q5_0's keep each row's float lanes, so the products are identical. The other host's kernels run
-    in a process whose Numba targets its features; a tile of four, one of three and one of two
-    (n = 9) and a single row."""
+    Q6_K's and Q5_0's keep each row's float lanes, so the products are identical. The other
+    host's kernels run in a process whose Numba targets its features; a tile of four, one of
+    three and one of two (n = 9) and a single row."""
     features, formats = OTHER_TARGETS[target]
     data = {"X": random_activations(9, 1024, seed=21)}
     for qtype in formats:

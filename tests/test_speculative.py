@@ -108,15 +108,21 @@ def test_policy_chooses_the_draft_length_from_measured_costs_and_acceptance():
     assert first < policy.explore_every and second - first == 2 * policy.explore_every
 
 
+def policy_whose_drafts_are_never_kept(forward_seconds: dict, draft_step_seconds: float) -> DraftLengthPolicy:
+    """A policy that has measured these costs and seen 30 rounds of four proposals, none kept."""
+    policy = DraftLengthPolicy(draft_max=8)
+    for n, seconds in forward_seconds.items():
+        policy.record_forward(n, seconds)
+    policy.record_draft_step(draft_step_seconds)
+    for _ in range(30):
+        policy.record_round(4, 4, 0)
+    return policy
+
+
 def test_a_costly_probe_waits_until_it_is_a_small_share_of_the_plain_decoding_since():
     """A draft model's probe from k = 0 catches up on the tokens it skipped first; the next
     probe waits until that cost is at most PROBE_SHARE of the plain decoding since."""
-    policy = DraftLengthPolicy(draft_max=8)
-    for n, seconds in {1: 1.0, 2: 2.0, 3: 3.0}.items():
-        policy.record_forward(n, seconds)
-    policy.record_draft_step(1.0)
-    for _ in range(30):
-        policy.record_round(4, 4, 0)
+    policy = policy_whose_drafts_are_never_kept({1: 1.0, 2: 2.0, 3: 3.0}, 1.0)
     policy.record_round_seconds(1, 2.0, 3.0)  # a probe whose catch-up took 2 s
     probes = []
     for _ in range(200):
@@ -131,12 +137,7 @@ def test_a_costly_probe_waits_until_it_is_a_small_share_of_the_plain_decoding_si
 def test_each_generation_starts_with_a_probe_and_a_faded_memory():
     """Drafting that never paid in one reply is tried again at the next (code after chat),
     with one token, and the old rejections weigh a quarter as much."""
-    policy = DraftLengthPolicy(draft_max=8)
-    for n, seconds in {1: 1.0, 2: 1.1, 3: 1.2}.items():
-        policy.record_forward(n, seconds)
-    policy.record_draft_step(0.1)
-    for _ in range(30):
-        policy.record_round(4, 4, 0)
+    policy = policy_whose_drafts_are_never_kept({1: 1.0, 2: 1.1, 3: 1.2}, 0.1)
     assert [policy.choose(8) for _ in range(5)] == [0] * 5
     kept_before, could_keep_before = policy._kept.copy(), policy._could_keep.copy()
     policy.new_generation()

@@ -95,7 +95,7 @@ class DraftLengthPolicy:
     limit, 0.1-0.3 s for the 0.5B, several plain steps), prompt lookup costs nothing.
 
     A generation is a new text: `new_generation` fades the acceptance memory to a quarter and
-    makes its first round a probe of one token whatever the estimates say, so that a reply
+    makes its first round draft at least one token whatever the estimates say, so that a reply
     drafts well after one that did not (code after chat), at the price of one catch-up when it
     does not. With `adaptive=False` every round asks for `draft_max` tokens (the drafter may
     still stop early).
@@ -201,7 +201,6 @@ class DraftLengthPolicy:
             return 0
         if self._probe_next:
             self._probe_next = False
-            self._since_explored = 0
             return max(1, self._best(limit, verify))
         best_k = self._best(limit, verify)
         if best_k:

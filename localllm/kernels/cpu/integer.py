@@ -1593,12 +1593,12 @@ def products_q6_k_row_groups(packed, X, out):
 
 @njit(cache=True, nogil=True)
 def products_q5_0_row_groups(packed, X, out):
-    codes, scales, sums = codes_of(X, Q8_0_BLOCK, np.int32)
-    if codes.shape[1] % (2 * Q8_0_BLOCK):
+    if X.shape[1] % (2 * Q8_0_BLOCK):
         # An odd number of blocks a row: pack() left the rows as in the file.
-        _products(packed, codes, scales, sums, out, _Q5_0)
-    else:
-        _row_group_products(packed, codes, sums, scales, out, _Q5_0_ROW_GROUPS)
+        products_q5_0(packed, X, out)
+        return
+    codes, scales, sums = codes_of(X, Q8_0_BLOCK, np.int32)
+    _row_group_products(packed, codes, sums, scales, out, _Q5_0_ROW_GROUPS)
 
 
 @njit(cache=True, nogil=True)
@@ -1809,8 +1809,9 @@ def pack(qtype, raw: np.ndarray) -> np.ndarray:
     """`raw` (2-D uint8 rows of `qtype` blocks, as in the file) in the layout this module's
     kernel for `qtype` reads, read-only: a repacked copy for Q4_K, Q5_K and Q6_K, and for
     TQ1_0 and TQ2_0 where the host has their row-interleaved kernels (rows interleaved by
-    sixteen, in ceil(rows / 16) packed rows), and so for Q4_K and Q6_K on hosts where vpdpbusd
-    takes 64-byte vectors; `raw` itself for every other format."""
+    sixteen, in ceil(rows / 16) packed rows), and so for Q4_K, Q6_K and Q5_0 (rows of an even
+    number of blocks) on hosts where vpdpbusd takes 64-byte vectors; `raw` itself for every
+    other format."""
     if qtype in _ROW_GROUP_KERNELS:
         if qtype == Q.Q5_0:
             if raw.shape[1] % (2 * _Q5_0_BYTES):
@@ -1830,7 +1831,7 @@ def pack(qtype, raw: np.ndarray) -> np.ndarray:
     return packed
 
 
-# Rows interleaved by sixteen: Q4_K, Q6_K and TQ2_0 wherever vpdpbusd takes 64-byte vectors,
+# Rows interleaved by sixteen: Q4_K, Q6_K, Q5_0 and TQ2_0 wherever vpdpbusd takes 64-byte vectors,
 # TQ1_0 where vpermi2b also looks its digits up; the file's blocks (the K-quants' repacked)
 # elsewhere.
 _ROW_GROUP_KERNELS = {}

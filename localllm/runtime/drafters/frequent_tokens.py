@@ -96,9 +96,10 @@ class FrequentTokens:
 
     @classmethod
     def read(cls, path) -> FrequentTokens:
-        """Read a table written by `write`; a file that is not one is an InvalidParameterError."""
+        """Read a table written by `write` (a Path, or a shipped table's resource); a file that
+        is not one is an InvalidParameterError."""
         try:
-            text = Path(path).read_text(encoding="utf-8") if isinstance(path, (str, Path)) else path.read_text("utf-8")
+            text = path.read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as error:
             raise InvalidParameterError(f"draft vocabulary table {path}: {error}") from None
         fields, ids, counts = {}, [], []

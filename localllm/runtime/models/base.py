@@ -244,10 +244,15 @@ class Model(ABC):
         ids = np.asarray(token_ids, dtype=np.int64)
         if ids.ndim != 1 or not ids.size or ids[0] < 0 or ids[-1] >= self.n_vocab or np.any(np.diff(ids) <= 0):
             raise ModelError(f"a head restriction needs increasing, distinct token ids below {self.n_vocab}")
-        name = "output.weight" if "output.weight" in self.gguf.tensors else "token_embd.weight"
-        tensor = self.gguf.tensors[name]
-        rows = SimpleNamespace(raw=np.ascontiguousarray(tensor.raw[ids]), type=tensor.type,
-                               shape=(ids.size, self.hparams.n_embd), name=f"{name}[{ids.size} rows]")  # fmt: skip
+        # The file's rows (self.output may hold them on another device): output.weight, or the
+        # token embedding where the head is tied to it.
+        tensor = self.gguf.tensors[self.output.name]
+        rows = SimpleNamespace(
+            raw=np.ascontiguousarray(tensor.raw[ids]),
+            type=tensor.type,
+            shape=(ids.size, self.hparams.n_embd),
+            name=f"{tensor.name}[{ids.size} rows]",
+        )
         self._head_weight = self.kernels.CheckedWeight(rows)
         self.head_token_ids = ids
 
