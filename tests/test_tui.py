@@ -414,9 +414,20 @@ async def test_streaming_does_not_scroll_away_from_a_reader_who_scrolled_up(home
         await pilot.pause(0.2)
         assert chat.scroll_y == chat.max_scroll_y > 0
         chat.scroll_home(animate=False, immediate=True)
-        tokens = app.turn.tokens
-        await wait_for(pilot, lambda: app.turn.tokens > tokens + 30)
-        assert chat.scroll_y == 0 and chat.max_scroll_y > 5
+        heights, positions = [chat.max_scroll_y], set()
+        parts = len(app.turn.view.query_children(MessageMarkdown))
+
+        def streamed_on():
+            positions.add(chat.scroll_y)
+            heights.append(chat.max_scroll_y)
+            # Until the reply's text has been handed on to new widgets twice (ReplyWriter).
+            return len(app.turn.view.query_children(MessageMarkdown)) >= parts + 2
+
+        await wait_for(pilot, streamed_on, step=0.005)
+        assert positions == {0}
+        # The reply never got shorter on screen, not even for a frame where a streamed part is
+        # handed to a new widget, and it kept growing below the reader.
+        assert heights == sorted(heights) and heights[-1] > 5
         await pilot.press("escape")
         await wait_for(pilot, lambda: not app.busy)
 

@@ -21,6 +21,7 @@ from textual import on, work
 from textual.app import App, ComposeResult, SystemCommand
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical, VerticalScroll
+from textual.css.query import NoMatches
 from textual.message import Message
 from textual.widgets import Footer, Input, ListView, ProgressBar
 from textual.widgets.markdown import MarkdownFence
@@ -232,7 +233,11 @@ class ChatApp(App):
     # ---- status -------------------------------------------------------------------------
 
     def update_status(self, note: str = "") -> None:
-        status = self.query_one(StatusBar)
+        try:
+            status = self.query_one(StatusBar)
+        except NoMatches:
+            # A reply's last pieces can arrive while the app closes and its screen is gone.
+            return
         if self.model is None:
             status.show("no model", note=note or "Ctrl+O chooses one")
             return

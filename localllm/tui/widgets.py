@@ -163,12 +163,15 @@ class ReplyWriter:
             return
         offset, continued = found
         head, tail = self.live_text[:offset], self.live_text[offset:]
-        await self.live.update(head)
-        if continued:
-            # Not a :last-child rule: that pseudo-class is not updated as blocks are added.
-            self.live.children[-1].add_class("continued")
+        # The tail's widget first: trimming the head before it is laid out would shorten the
+        # reply for a frame, and a reader at the bottom would see the view jump.
         following = MessageMarkdown(tail, classes="follows")
-        await self.view.mount(following, after=self.live)
+        with self.view.app.batch_update():
+            await self.view.mount(following, after=self.live)
+            await self.live.update(head)
+            if continued:
+                # Not a :last-child rule: that pseudo-class is not updated as blocks are added.
+                self.live.children[-1].add_class("continued")
         self.live, self.live_text = following, tail
 
 
