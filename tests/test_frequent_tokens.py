@@ -4,8 +4,6 @@ and proposes only the tokens it keeps."""
 
 import collections
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -28,6 +26,7 @@ from localllm.runtime.models import load_model
 from localllm.runtime.sampling import Sampler, SamplingParams
 
 from test_generate_cli import assert_one_line_error
+from test_speculative import run_cli
 
 SMOLLM = "smollm2-135m-instruct"
 QWEN_DRAFT = "qwen2.5-coder-0.5b-instruct"
@@ -142,12 +141,6 @@ def test_tables_that_do_not_fit_are_refused(smollm, tmp_path):
         head_tokens(3, smollm.tokenizer)
     with pytest.raises(InvalidParameterError, match="absent.tsv"):
         head_tokens(tmp_path / "absent.tsv", smollm.tokenizer)
-
-
-def run_cli(*args):
-    return subprocess.run(
-        [sys.executable, "-m", "localllm.runtime.cli", "generate", *args], capture_output=True, text=True, timeout=300
-    )
 
 
 def test_cli_draft_vocab(smollm_table, tmp_path):

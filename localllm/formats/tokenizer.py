@@ -54,6 +54,9 @@ class TokenType(IntEnum):
     BYTE = 6
 
 
+# llama.cpp's special tokens: matched whole in text, not a piece of it.
+_SPECIAL_TYPES = (TokenType.CONTROL, TokenType.USER_DEFINED)
+
 _KEY_MODEL = "tokenizer.ggml.model"
 _KEY_TOKENS = "tokenizer.ggml.tokens"
 _KEY_SCORES = "tokenizer.ggml.scores"
@@ -340,9 +343,11 @@ class Tokenizer:
 
     # ---- backends ---------------------------------------------------------------------------
 
+    def _ids_of_types(self, types: tuple[TokenType, ...]) -> np.ndarray:
+        return np.flatnonzero(np.isin(self._types, np.array(types, dtype=np.int32)))
+
     def _special_texts(self, types: tuple[TokenType, ...]) -> list[str]:
-        mask = np.isin(self._types, np.array(types, dtype=np.int32))
-        return [self._tokens[i] for i in np.flatnonzero(mask).tolist()]
+        return [self._tokens[i] for i in self._ids_of_types(types).tolist()]
 
     def _build_sentencepiece(self):
         import sentencepiece
@@ -464,7 +469,12 @@ class Tokenizer:
     def is_special(self, token_id: int) -> bool:
         """Control or user-defined token (llama.cpp's special tokens, matched whole in text)."""
         self._check_id(token_id)
-        return int(self._types[token_id]) in (TokenType.CONTROL, TokenType.USER_DEFINED)
+        return int(self._types[token_id]) in _SPECIAL_TYPES
+
+    @cached_property
+    def special_ids(self) -> np.ndarray:
+        """The ids `is_special` holds for, increasing."""
+        return self._ids_of_types(_SPECIAL_TYPES)
 
     def is_eog(self, token_id: int) -> bool:
         return token_id in self.eos_ids

@@ -67,6 +67,21 @@ def bfloat_to_float(typingctx, bits):
     return types.float32(bits), codegen
 
 
+@intrinsic
+def float_from_bits(typingctx, bits):
+    """The float32 whose bit pattern is the low 32 bits of the integer `bits`."""
+    if not isinstance(bits, types.Integer) or bits.bitwidth < 32:
+        return None
+
+    def codegen(context, builder, signature, args):
+        (value,) = args
+        if signature.args[0].bitwidth > 32:
+            value = builder.trunc(value, ir.IntType(32))
+        return builder.bitcast(value, ir.FloatType())
+
+    return types.float32(bits), codegen
+
+
 @njit(nogil=True, inline="always")
 def load_half(row, offset):
     """The f16 stored little-endian at row[offset:offset + 2] (an array or a raw pointer), as

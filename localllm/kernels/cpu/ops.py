@@ -8,14 +8,12 @@ from functools import lru_cache
 
 import numba
 import numpy as np
-from llvmlite import ir
-from numba import types
-from numba.extending import intrinsic
 
 from localllm.errors import KernelError
 from localllm.kernels.arguments import check_finite_float, check_rope_arguments
 from localllm.kernels.cpu.attention import attention
 from localllm.kernels.cpu.checks import FAST_REDUCTION, check_f32, check_out, check_positions
+from localllm.kernels.cpu.floats import float_from_bits
 from localllm.kernels.cpu.threads import apply_threads
 
 # The parallel ops cast the prange index to int64 when they pass it on: Numba types it int64
@@ -218,21 +216,6 @@ _GELU_SQRT_2_OVER_PI = np.float32(np.sqrt(2.0 / np.pi))
 _GELU_CUBIC = np.float32(0.044715)
 
 
-@intrinsic
-def _float_from_bits(typingctx, bits):
-    """The float32 whose bit pattern is the low 32 bits of the integer `bits`."""
-    if not isinstance(bits, types.Integer) or bits.bitwidth < 32:
-        return None
-
-    def codegen(context, builder, signature, args):
-        (value,) = args
-        if signature.args[0].bitwidth > 32:
-            value = builder.trunc(value, ir.IntType(32))
-        return builder.bitcast(value, ir.FloatType())
-
-    return types.float32(bits), codegen
-
-
 # Cephes' single-precision exp: n = round(x / ln 2), r = x - n ln 2 in two parts (exact for
 # |n| < 2^9), exp(r) by a degree-6 polynomial, 2^n put straight into the exponent bits. At most
 # 0.97 ulp from float64 exp over 2 million points of [-87.3, 88.3], and, unlike libm's expf (a
@@ -255,7 +238,7 @@ def _exp(x):
     r = (a - n * _LN2_HIGH) - n * _LN2_LOW
     c0, c1, c2, c3, c4, c5 = _EXP_POLY
     y = (((((c0 * r + c1) * r + c2) * r + c3) * r + c4) * r + c5) * (r * r) + r + np.float32(1.0)
-    scaled = y * _float_from_bits((np.int64(n) + 127) << 23)
+    scaled = y * float_from_bits((np.int64(n) + 127) << 23)
     # Past the clamp: exp overflows to inf as libm's does (silu's far negative tail is then -0).
     return np.float32(np.inf) if x > _EXP_MAX else scaled
 

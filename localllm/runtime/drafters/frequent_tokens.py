@@ -145,8 +145,7 @@ def head_tokens(draft_vocab, tokenizer) -> np.ndarray | None:
     if table.ids.max() >= tokenizer.vocab_size:
         raise InvalidParameterError(f"draft vocabulary table lists token {table.ids.max()}, past the vocabulary")
     # Control tokens end turns (a chat template's markers), which a draft must be able to propose.
-    special = [i for i in range(tokenizer.vocab_size) if tokenizer.is_special(i)]
-    return np.union1d(table.ids, np.array([*tokenizer.eos_ids, *special], dtype=np.int64))
+    return np.union1d(table.ids, np.array([*tokenizer.eos_ids, *tokenizer.special_ids], dtype=np.int64))
 
 
 def main(argv=None) -> None:
